@@ -1,0 +1,48 @@
+-- highwater commit: after the last chunk of a cycle, atomically advance the
+-- watermark and trim what the next window can no longer return.
+--
+-- W_new = max(W_old, candidate). The candidate is the database's now() read
+-- at cycle start (time cursors) or the highest version seen (version
+-- cursors), never a row's timestamp, so a row stamped in the future cannot
+-- push the window past real changes.
+--
+-- Members of `seen` with score < W_new - lookback (and their digests) are
+-- removed, at most ARGV[3] per call: the next window starts at
+-- W_new - lookback, so it cannot return them and nothing trimmed is emitted
+-- twice. The caller repeats the call while it trims a full batch, so a large
+-- trim never blocks Redis for long.
+--
+-- KEYS[1] state, KEYS[2] seen, KEYS[3] digest
+-- ARGV[1] candidate watermark ("" = keep the old one)
+-- ARGV[2] lookback (same unit as the epochs)
+-- ARGV[3] trim batch size
+-- ARGV[4..] field, value pairs recorded in the state hash (last cycle's figures)
+--
+-- Returns {watermark or false, trimmed}.
+
+local state, seen, digests = KEYS[1], KEYS[2], KEYS[3]
+local candidate, lookback, batch = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+
+local watermark = redis.call('HGET', state, 'watermark')
+if candidate ~= '' and (not watermark or tonumber(candidate) > tonumber(watermark)) then
+  watermark = candidate
+  redis.call('HSET', state, 'watermark', watermark)
+end
+
+for i = 4, #ARGV, 2 do
+  redis.call('HSET', state, ARGV[i], ARGV[i + 1])
+end
+
+local trimmed = 0
+if watermark then
+  local cut = string.format('(%.0f', tonumber(watermark) - lookback)
+  local members = redis.call('ZRANGEBYSCORE', seen, '-inf', cut, 'LIMIT', 0, batch)
+  trimmed = #members
+  -- unpack() is limited by Lua's C stack: delete in slices.
+  for first = 1, trimmed, 1000 do
+    local last = math.min(first + 999, trimmed)
+    redis.call('ZREM', seen, unpack(members, first, last))
+    redis.call('HDEL', digests, unpack(members, first, last))
+  end
+end
+return {watermark or false, trimmed}

@@ -1,0 +1,51 @@
+-- highwater dedup: one chunk of rows of one entity, applied atomically.
+--
+-- A row is emitted iff its digest differs from the digest of the last
+-- version emitted for its key (DESIGN.md §4). Comparing epochs instead would
+-- drop a second update within one second (ties) and a version committed after
+-- a newer-stamped one (commit order != timestamp order).
+--
+-- KEYS[1] seen    sorted set  pkey -> epoch of the last emitted version
+-- KEYS[2] digest  hash        pkey -> digest of the last emitted version
+-- KEYS[3] stream  stream      the change messages
+-- KEYS[4] state   hash        watermark, figures; `writes` counts chunks that emitted
+-- ARGV[1] max stream length (XADD MAXLEN ~), 0 = no cap
+-- ARGV[2] variant
+-- ARGV[3] "1" to include the payload field, "0" for key-only messages
+-- ARGV[4..] per row, 5 values: pkey, epoch, digest, op, payload
+--
+-- Returns {emitted, writes}: how many rows were emitted, and the state's
+-- write counter after this call.
+
+local seen, digests, stream, state = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local maxlen = tonumber(ARGV[1])
+local variant = ARGV[2]
+local with_payload = ARGV[3] == '1'
+
+local emitted = 0
+for i = 4, #ARGV, 5 do
+  local pkey, epoch, digest, op = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  if redis.call('HGET', digests, pkey) ~= digest then
+    redis.call('ZADD', seen, epoch, pkey)
+    redis.call('HSET', digests, pkey, digest)
+    local fields = {'pkey', pkey, 'epoch', epoch, 'variant', variant, 'op', op}
+    if with_payload then
+      fields[#fields + 1] = 'payload'
+      fields[#fields + 1] = ARGV[i + 4]
+    end
+    if maxlen > 0 then
+      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+    else
+      redis.call('XADD', stream, '*', unpack(fields))
+    end
+    emitted = emitted + 1
+  end
+end
+
+local writes
+if emitted > 0 then
+  writes = redis.call('HINCRBY', state, 'writes', 1)
+else
+  writes = tonumber(redis.call('HGET', state, 'writes') or '0')
+end
+return {emitted, writes}

@@ -1,0 +1,294 @@
+//! The agent: `once` runs one cycle per entity and reports; `run` polls every
+//! entity on its schedule until shutdown. Cycles of one entity never overlap
+//! (one task per entity), ticks missed by a slow cycle are skipped, entities
+//! poll concurrently, and a failed cycle backs off and retries while the
+//! rest of the agent keeps going.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use rand::Rng;
+use tokio::sync::watch;
+
+use crate::config::{Config, EntitySettings};
+use crate::poller::{run_cycle, CycleError, CycleReport};
+use crate::sink::{Sink, SinkError};
+use crate::source::{Prepared, Source, SourceError};
+
+/// Why the agent could not start or a `once` cycle failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Cycle(#[from] CycleError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// The first retry waits this long; each failure doubles it up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The sources of a config, by name, built without connecting.
+pub fn sources(config: &Config) -> Result<BTreeMap<String, Arc<Source>>, SourceError> {
+    config
+        .sources
+        .iter()
+        .map(|(name, settings)| Ok((name.clone(), Arc::new(Source::new(settings)?))))
+        .collect()
+}
+
+/// Runs one cycle of each selected entity, concurrently. Each entity's
+/// result is reported separately; Redis unreachable fails them all at once.
+pub async fn once(
+    config: &Config,
+    only: Option<&str>,
+) -> Result<Vec<(String, Result<CycleReport, AgentError>)>, AgentError> {
+    let entities = config.select_entities(only).map_err(AgentError::Usage)?;
+    let sink = Sink::connect(&config.redis).await?;
+    let sources = sources(config)?;
+    // A `once` is never interrupted: the receiver stays false.
+    let (_keep, stop) = watch::channel(false);
+    let cycles = entities.into_iter().map(|entity| {
+        let source = &sources[&entity.source];
+        let (sink, stop) = (&sink, &stop);
+        async move {
+            let result = async {
+                let prepared = source.prepare(entity).await?;
+                Ok(run_cycle(entity, source, &prepared, sink, stop).await?)
+            }
+            .await;
+            (entity.name.clone(), result)
+        }
+    });
+    let results = futures_util::future::join_all(cycles).await;
+    for source in sources.values() {
+        source.close().await;
+    }
+    Ok(results)
+}
+
+/// Polls every entity on its schedule until `shutdown` resolves, then lets
+/// each finish the chunk in flight and returns.
+///
+/// A query that cannot work (missing columns, a syntax error) stops the
+/// start; a database or Redis that is down does not: cycles retry.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let (stop_tx, stop) = watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+
+    let sink = tokio::select! {
+        sink = connect_with_retry(&config, stop.clone()) => match sink {
+            Some(sink) => sink,
+            None => return Ok(()),
+        },
+        () = &mut shutdown => return Ok(()),
+    };
+    let sources = sources(&config)?;
+
+    // Check every query before polling: a broken one is a config error.
+    let mut prepared = BTreeMap::new();
+    for entity in config.entities.values() {
+        match sources[&entity.source].prepare(entity).await {
+            Ok(p) => {
+                prepared.insert(entity.name.clone(), p);
+            }
+            Err(e) if e.is_transient() => {
+                tracing::warn!(entity = %entity.name, error = %error_chain(&e), "cannot check the query yet; will retry");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+
+    let config = Arc::new(config);
+    let mut tasks = Vec::new();
+    for entity in config.entities.values() {
+        let task = EntityTask {
+            config: Arc::clone(&config),
+            entity: entity.name.clone(),
+            source: Arc::clone(&sources[&entity.source]),
+            sink: sink.clone(),
+            prepared: prepared.remove(&entity.name),
+            stop: stop.clone(),
+        };
+        tasks.push(tokio::spawn(task.run()));
+    }
+    tracing::info!(entities = tasks.len(), "polling");
+
+    shutdown.await;
+    tracing::info!("shutting down: finishing the chunks in flight");
+    let _ = stop_tx.send(true);
+    for task in tasks {
+        if let Err(e) = task.await {
+            tracing::error!(error = %e, "an entity task panicked");
+        }
+    }
+    for source in sources.values() {
+        source.close().await;
+    }
+    Ok(())
+}
+
+/// Connects to Redis, retrying with backoff; `None` when stopped first.
+async fn connect_with_retry(config: &Config, mut stop: watch::Receiver<bool>) -> Option<Sink> {
+    let mut failures = 0;
+    loop {
+        match Sink::connect(&config.redis).await {
+            Ok(sink) => return Some(sink),
+            Err(e) => {
+                failures += 1;
+                let wait = backoff(failures);
+                tracing::error!(error = %error_chain(&e), retry_in = ?wait, "redis unreachable");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => return None,
+                }
+            }
+        }
+    }
+}
+
+/// One entity's polling loop.
+struct EntityTask {
+    config: Arc<Config>,
+    entity: String,
+    source: Arc<Source>,
+    sink: Sink,
+    prepared: Option<Prepared>,
+    stop: watch::Receiver<bool>,
+}
+
+impl EntityTask {
+    fn settings(&self) -> &EntitySettings {
+        &self.config.entities[&self.entity]
+    }
+
+    async fn run(mut self) {
+        let origin = Utc::now();
+        let mut failures: u32 = 0;
+        // The first cycle runs at once; then on the schedule.
+        let mut next = origin;
+        loop {
+            let wait = (next - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = self.stop.changed() => return,
+            }
+            if *self.stop.borrow() {
+                return;
+            }
+            match self.cycle().await {
+                Ok(report) => {
+                    failures = 0;
+                    log_cycle(&report);
+                    if report.interrupted {
+                        return;
+                    }
+                    let now = Utc::now();
+                    let planned = next;
+                    next = self.settings().schedule.next_after(now, origin);
+                    let missed = self.missed_ticks(planned, now, origin);
+                    if missed > 0 {
+                        tracing::warn!(entity = %self.entity, missed, "the cycle outlasted its schedule: ticks skipped");
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    // Re-check the query next time: the table may have changed.
+                    self.prepared = None;
+                    let wait = backoff(failures);
+                    let error = error_chain(&e);
+                    if e.is_transient() {
+                        tracing::warn!(entity = %self.entity, error = %error, retry_in = ?wait, "cycle failed");
+                    } else {
+                        tracing::error!(entity = %self.entity, error = %error, retry_in = ?wait, "cycle failed; fix the query, data or config");
+                    }
+                    next = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+                }
+            }
+        }
+    }
+
+    async fn cycle(&mut self) -> Result<CycleReport, CycleError> {
+        let prepared = match self.prepared.take() {
+            Some(prepared) => prepared,
+            None => self.source.prepare(self.settings()).await?,
+        };
+        let entity = &self.config.entities[&self.entity];
+        let result = run_cycle(entity, &self.source, &prepared, &self.sink, &self.stop).await;
+        self.prepared = Some(prepared);
+        result
+    }
+
+    /// Ticks that fell strictly between the planned tick and `now`.
+    fn missed_ticks(
+        &self,
+        planned: chrono::DateTime<Utc>,
+        now: chrono::DateTime<Utc>,
+        origin: chrono::DateTime<Utc>,
+    ) -> u64 {
+        let schedule = &self.settings().schedule;
+        let mut tick = schedule.next_after(planned, origin);
+        let mut missed = 0;
+        while tick < now && missed < 10_000 {
+            missed += 1;
+            tick = schedule.next_after(tick, origin);
+        }
+        missed
+    }
+}
+
+fn log_cycle(report: &CycleReport) {
+    tracing::info!(
+        entity = %report.entity,
+        rows = report.rows,
+        emitted = report.emitted,
+        skipped = report.skipped,
+        duration_ms = report.duration.as_millis() as u64,
+        watermark = report.watermark.map(crate::change::format_timestamp).unwrap_or_default(),
+        interrupted = report.interrupted,
+        "cycle"
+    );
+}
+
+/// Exponential backoff with ±25 % jitter, so agents do not retry in lockstep.
+pub fn backoff(failures: u32) -> Duration {
+    let base = FIRST_BACKOFF.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let base = base.min(MAX_BACKOFF);
+    let jitter = rand::rng().random_range(0.75..1.25);
+    base.mul_f64(jitter)
+}
+
+/// An error and its causes on one line: `a: b: c`.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // Some errors repeat their source's message; say it once.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(1) <= Duration::from_millis(625));
+        assert!(backoff(3) >= Duration::from_millis(1500));
+        assert!(backoff(50) <= MAX_BACKOFF.mul_f64(1.25));
+    }
+}

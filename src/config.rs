@@ -1,0 +1,741 @@
+//! Configuration: the TOML file, `${VAR}` interpolated from the environment,
+//! parsed into raw serde types, then validated into the settings the agent runs on.
+//!
+//! Every error names the file and the dotted path of the field
+//! (`entities.customers.schedule: ...`); validation collects every problem
+//! at once so that one edit fixes them all.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::schedule::Schedule;
+
+/// Default Redis key prefix for the state keys (never for the stream key).
+pub const DEFAULT_KEY_PREFIX: &str = "highwater";
+/// Default rows per call of the dedup script.
+pub const DEFAULT_CHUNK_ROWS: usize = 500;
+/// Default approximate cap of a stream's length (`XADD MAXLEN ~`).
+pub const DEFAULT_MAX_STREAM_LENGTH: u64 = 1_000_000;
+/// Default connections per source pool.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
+/// Default time a connect, a query's next row or a Redis reply may take.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A configuration error: which file, and what is wrong in it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: environment variable {var} is not set (write $${{...}} for a literal ${{...}})")]
+    MissingEnv {
+        path: PathBuf,
+        line: usize,
+        var: String,
+    },
+    #[error("{path}:{line}: unterminated ${{...}} (write $${{ for a literal ${{)")]
+    BadInterpolation { path: PathBuf, line: usize },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {}", problems.join(&format!("\n{}: ", path.display())))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+// ---------------------------------------------------------------------------
+// The file as written (serde). Doc comments here are the config reference.
+// ---------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    /// Where the streams and the agent's state live.
+    redis: RawRedis,
+    /// Databases to poll, by name.
+    #[serde(default)]
+    sources: BTreeMap<String, RawSource>,
+    /// Polling queries, by entity name.
+    #[serde(default)]
+    entities: BTreeMap<String, RawEntity>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    /// `redis://[user:password@]host:port/db` or `rediss://...`.
+    url: String,
+    /// Prefix of the state keys (`<prefix>:{stream}:seen:<entity>` ...).
+    key_prefix: Option<String>,
+    /// How long a connect or a reply may take before the cycle is abandoned.
+    timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    /// `postgres://`, `mysql://` (MariaDB too) or `sqlite://path`.
+    url: String,
+    /// Connections in this source's pool; bounds how many entities poll it at once.
+    max_connections: Option<u32>,
+    /// IANA zone (or `UTC`) in which naive timestamps (`timestamp`, `DATETIME`) are read.
+    timezone: Option<String>,
+    /// How long a connect or the wait for the next row may take.
+    timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawKey {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawLookback {
+    Duration(String),
+    Count(i64),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawStart {
+    Text(String),
+    Version(i64),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntity {
+    /// Name of a `[sources.*]` table.
+    source: String,
+    /// The polling query inline; exactly one of `query` and `query_file`.
+    query: Option<String>,
+    /// Path of the polling query, relative to the config file.
+    query_file: Option<PathBuf>,
+    /// Key column, or columns for a composite key.
+    key: RawKey,
+    /// Column saying when (timestamp) or in which version (integer) a row last changed.
+    cursor: String,
+    /// How far each window reaches back: a duration for timestamp cursors, a count for integer ones.
+    lookback: RawLookback,
+    /// Cron expression, 5 or 6 fields (with seconds), evaluated in UTC.
+    schedule: Option<String>,
+    /// Fixed interval instead of `schedule`.
+    every: Option<String>,
+    /// Redis stream key, used verbatim.
+    stream: Option<String>,
+    /// Value of the `variant` field of each message.
+    variant: Option<String>,
+    /// Where the first cycle starts: `now`, `beginning`, an RFC 3339 time or a version.
+    start: Option<RawStart>,
+    /// `row` (the selected columns as JSON) or `key` (no payload field).
+    payload: Option<String>,
+    /// Rows per call of the dedup script.
+    chunk_rows: Option<usize>,
+    /// Approximate cap of the stream's length (`XADD MAXLEN ~`); 0 = no cap.
+    max_stream_length: Option<u64>,
+    /// Column whose true / non-zero / non-NULL value marks the row deleted (`op = delete`).
+    delete_column: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// Validated settings.
+// ---------------------------------------------------------------------------
+
+/// The validated configuration.
+pub struct Config {
+    /// The file it was read from.
+    pub file: PathBuf,
+    pub redis: RedisSettings,
+    pub sources: BTreeMap<String, SourceSettings>,
+    pub entities: BTreeMap<String, EntitySettings>,
+}
+
+pub struct RedisSettings {
+    /// The URL, secrets included: never log it, use [`mask_url`].
+    pub url: String,
+    pub key_prefix: String,
+    pub timeout: Duration,
+}
+
+/// Which SQL database a source is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    MySql,
+    Sqlite,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Postgres => "PostgreSQL",
+            Backend::MySql => "MySQL/MariaDB",
+            Backend::Sqlite => "SQLite",
+        })
+    }
+}
+
+pub struct SourceSettings {
+    pub name: String,
+    /// The URL, secrets included: never log it, use [`mask_url`].
+    pub url: String,
+    pub backend: Backend,
+    pub max_connections: u32,
+    pub timezone: chrono_tz::Tz,
+    pub timeout: Duration,
+}
+
+/// What the cursor column counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CursorKind {
+    /// A timestamp or date; epochs are microseconds since 1970, look-back a duration.
+    Time,
+    /// An integer version; epochs are the integer, look-back a count.
+    Version,
+}
+
+/// Where the first cycle of an entity (no watermark yet) starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// The window before the first cycle: `now - lookback`.
+    Now,
+    /// Everything the query returns.
+    Beginning,
+    /// From this epoch on.
+    At(i64),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PayloadMode {
+    Row,
+    Key,
+}
+
+pub struct EntitySettings {
+    pub name: String,
+    pub source: String,
+    /// The polling query text, `:since` not yet rewritten.
+    pub query: String,
+    /// Where the query came from, for error messages (`queries/x.sql` or `inline`).
+    pub query_origin: String,
+    pub key: Vec<String>,
+    pub cursor: String,
+    pub cursor_kind: CursorKind,
+    /// In epoch units: microseconds for time cursors, versions for integer ones.
+    pub lookback: i64,
+    pub schedule: Schedule,
+    pub stream: String,
+    pub variant: String,
+    pub start: Start,
+    pub payload: PayloadMode,
+    pub chunk_rows: usize,
+    pub max_stream_length: u64,
+    pub delete_column: Option<String>,
+}
+
+impl Config {
+    /// Reads, interpolates, parses and validates the file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_text(path, &text, |var| std::env::var(var).ok())
+    }
+
+    /// Parses configuration text as if read from `path`; `env` resolves `${VAR}`.
+    pub fn from_text(
+        path: &Path,
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let text = interpolate(path, text, env)?;
+        let raw: RawConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: describe_toml_error(&text, &e),
+        })?;
+        let base_dir = path.parent().unwrap_or(Path::new("."));
+        validate(path, base_dir, raw)
+    }
+
+    /// The entities to work on: all of them, or the one named.
+    pub fn select_entities(&self, only: Option<&str>) -> Result<Vec<&EntitySettings>, String> {
+        match only {
+            None => Ok(self.entities.values().collect()),
+            Some(name) => match self.entities.get(name) {
+                Some(e) => Ok(vec![e]),
+                None => Err(format!(
+                    "{}: no entity named {name:?} (configured: {})",
+                    self.file.display(),
+                    self.entities.keys().cloned().collect::<Vec<_>>().join(", ")
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Debug for SourceSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SourceSettings")
+            .field("name", &self.name)
+            .field("url", &mask_url(&self.url))
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The URL with its password replaced by `***`, for logs and messages.
+pub fn mask_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            let masked = match userinfo.find(':') {
+                Some(colon) => format!("{}:***", &userinfo[..colon]),
+                None => userinfo.to_owned(),
+            };
+            format!("{}{}{}", &url[..scheme_end + 3], masked, &rest[at..])
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Replaces `${VAR}` with the environment's value; `$${` stays a literal `${`.
+/// Lines that are whole comments are left alone, so a commented-out example
+/// does not demand its variable.
+fn interpolate(
+    path: &Path,
+    text: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(text.len());
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+            continue;
+        }
+        let mut rest = line;
+        while let Some(pos) = rest.find('$') {
+            out.push_str(&rest[..pos]);
+            let after = &rest[pos..];
+            if let Some(literal) = after.strip_prefix("$${") {
+                out.push_str("${");
+                rest = literal;
+            } else if let Some(body) = after.strip_prefix("${") {
+                let Some(end) = body.find('}') else {
+                    return Err(ConfigError::BadInterpolation {
+                        path: path.to_owned(),
+                        line: index + 1,
+                    });
+                };
+                let var = &body[..end];
+                match env(var) {
+                    Some(value) => out.push_str(&value),
+                    None => {
+                        return Err(ConfigError::MissingEnv {
+                            path: path.to_owned(),
+                            line: index + 1,
+                            var: var.to_owned(),
+                        })
+                    }
+                }
+                rest = &body[end + 1..];
+            } else {
+                out.push('$');
+                rest = &after[1..];
+            }
+        }
+        out.push_str(rest);
+    }
+    Ok(out)
+}
+
+/// `line N: message` from a TOML error, without echoing the (interpolated,
+/// possibly secret) line itself.
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim_end().to_owned();
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {message}")
+        }
+        None => message,
+    }
+}
+
+fn validate(path: &Path, base_dir: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
+    let mut problems = Vec::new();
+
+    let redis = RedisSettings {
+        key_prefix: raw
+            .redis
+            .key_prefix
+            .unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_owned()),
+        timeout: duration_or(
+            &mut problems,
+            "redis.timeout",
+            raw.redis.timeout.as_deref(),
+            DEFAULT_TIMEOUT,
+        ),
+        url: raw.redis.url,
+    };
+    if !(redis.url.starts_with("redis://")
+        || redis.url.starts_with("rediss://")
+        || redis.url.starts_with("unix://")
+        || redis.url.starts_with("redis+unix://"))
+    {
+        problems.push(format!(
+            "redis.url: {:?} is not a Redis URL (expected redis://host:port/db)",
+            mask_url(&redis.url)
+        ));
+    }
+
+    let mut sources = BTreeMap::new();
+    for (name, s) in raw.sources {
+        let field = format!("sources.{name}");
+        let backend = match s.url.split("://").next() {
+            Some("postgres" | "postgresql") if s.url.contains("://") => Some(Backend::Postgres),
+            Some("mysql" | "mariadb") if s.url.contains("://") => Some(Backend::MySql),
+            Some("sqlite") if s.url.contains(':') => Some(Backend::Sqlite),
+            _ if s.url.starts_with("sqlite:") => Some(Backend::Sqlite),
+            _ => {
+                problems.push(format!(
+                    "{field}.url: {:?} names no supported database (expected postgres://, mysql:// or sqlite://)",
+                    mask_url(&s.url)
+                ));
+                None
+            }
+        };
+        let timezone = match s.timezone.as_deref() {
+            None => chrono_tz::UTC,
+            Some(tz) => match tz.parse::<chrono_tz::Tz>() {
+                Ok(tz) => tz,
+                Err(_) => {
+                    problems.push(format!(
+                        "{field}.timezone: {tz:?} is not an IANA time zone (e.g. \"UTC\", \"Europe/Berlin\")"
+                    ));
+                    chrono_tz::UTC
+                }
+            },
+        };
+        let max_connections = s.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            problems.push(format!("{field}.max_connections: must be at least 1"));
+        }
+        let timeout = duration_or(
+            &mut problems,
+            &format!("{field}.timeout"),
+            s.timeout.as_deref(),
+            DEFAULT_TIMEOUT,
+        );
+        if let Some(backend) = backend {
+            sources.insert(
+                name.clone(),
+                SourceSettings {
+                    name,
+                    url: s.url,
+                    backend,
+                    max_connections,
+                    timezone,
+                    timeout,
+                },
+            );
+        }
+    }
+
+    let mut entities = BTreeMap::new();
+    for (name, e) in raw.entities {
+        if let Some(entity) = validate_entity(&mut problems, base_dir, &sources, &name, e) {
+            entities.insert(name, entity);
+        }
+    }
+    if entities.is_empty() && problems.is_empty() {
+        problems.push("no [entities.*] configured: nothing to poll".to_owned());
+    }
+
+    if problems.is_empty() {
+        Ok(Config {
+            file: path.to_owned(),
+            redis,
+            sources,
+            entities,
+        })
+    } else {
+        Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        })
+    }
+}
+
+fn validate_entity(
+    problems: &mut Vec<String>,
+    base_dir: &Path,
+    sources: &BTreeMap<String, SourceSettings>,
+    name: &str,
+    e: RawEntity,
+) -> Option<EntitySettings> {
+    let field = format!("entities.{name}");
+    let before = problems.len();
+
+    if !sources.contains_key(&e.source) {
+        problems.push(format!(
+            "{field}.source: no source named {:?} (configured: {})",
+            e.source,
+            if sources.is_empty() {
+                "none".to_owned()
+            } else {
+                sources.keys().cloned().collect::<Vec<_>>().join(", ")
+            }
+        ));
+    }
+
+    let (query, query_origin) = match (e.query, e.query_file) {
+        (Some(q), None) => (q, "inline".to_owned()),
+        (None, Some(file)) => {
+            let full = base_dir.join(&file);
+            match std::fs::read_to_string(&full) {
+                Ok(q) => (q, full.display().to_string()),
+                Err(err) => {
+                    problems.push(format!(
+                        "{field}.query_file: cannot read {}: {err}",
+                        full.display()
+                    ));
+                    (String::new(), full.display().to_string())
+                }
+            }
+        }
+        (Some(_), Some(_)) => {
+            problems.push(format!("{field}: set either query or query_file, not both"));
+            (String::new(), String::new())
+        }
+        (None, None) => {
+            problems.push(format!("{field}: missing query (or query_file)"));
+            (String::new(), String::new())
+        }
+    };
+    if query.trim().is_empty() && problems.len() == before {
+        problems.push(format!("{field}: the query is empty"));
+    }
+
+    let key = match e.key {
+        RawKey::One(k) => vec![k],
+        RawKey::Many(ks) => ks,
+    };
+    if key.is_empty() || key.iter().any(|k| k.trim().is_empty()) {
+        problems.push(format!("{field}.key: name at least one column, none empty"));
+    }
+    for (i, k) in key.iter().enumerate() {
+        if key[..i].contains(k) {
+            problems.push(format!("{field}.key: column {k:?} is named twice"));
+        }
+    }
+    if e.cursor.trim().is_empty() {
+        problems.push(format!("{field}.cursor: must name a column"));
+    }
+
+    let (cursor_kind, lookback) = match e.lookback {
+        RawLookback::Count(n) if n >= 0 => (CursorKind::Version, n),
+        RawLookback::Count(n) => {
+            problems.push(format!("{field}.lookback: {n} is negative"));
+            (CursorKind::Version, 0)
+        }
+        RawLookback::Duration(text) => match humantime::parse_duration(&text) {
+            Ok(d) => (
+                CursorKind::Time,
+                i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+            ),
+            Err(err) => {
+                problems.push(format!(
+                    "{field}.lookback: {text:?} is not a duration ({err}); write e.g. \"5m\", or an integer for a version cursor"
+                ));
+                (CursorKind::Time, 0)
+            }
+        },
+    };
+
+    let schedule = match (e.schedule, e.every) {
+        (Some(expr), None) => match Schedule::cron(&expr) {
+            Ok(s) => Some(s),
+            Err(why) => {
+                problems.push(format!(
+                    "{field}.schedule: {expr:?} is not a cron expression ({why})"
+                ));
+                None
+            }
+        },
+        (None, Some(every)) => match humantime::parse_duration(&every) {
+            Ok(d) if d >= Duration::from_millis(10) => Some(Schedule::Every(d)),
+            Ok(_) => {
+                problems.push(format!("{field}.every: {every:?} is shorter than 10ms"));
+                None
+            }
+            Err(err) => {
+                problems.push(format!(
+                    "{field}.every: {every:?} is not a duration ({err}); write e.g. \"10s\""
+                ));
+                None
+            }
+        },
+        (Some(_), Some(_)) => {
+            problems.push(format!("{field}: set either schedule or every, not both"));
+            None
+        }
+        (None, None) => {
+            problems.push(format!(
+                "{field}: missing schedule (cron) or every (interval)"
+            ));
+            None
+        }
+    };
+
+    let start = match (e.start, cursor_kind) {
+        (None, _) => Start::Now,
+        (Some(RawStart::Text(t)), _) if t == "now" => Start::Now,
+        (Some(RawStart::Text(t)), _) if t == "beginning" => Start::Beginning,
+        (Some(RawStart::Version(v)), CursorKind::Version) => Start::At(v),
+        (Some(RawStart::Text(t)), CursorKind::Time) => {
+            match chrono::DateTime::parse_from_rfc3339(&t) {
+                Ok(at) => Start::At(at.timestamp_micros()),
+                Err(err) => {
+                    problems.push(format!(
+                    "{field}.start: {t:?} is neither \"now\", \"beginning\" nor an RFC 3339 time ({err})"
+                ));
+                    Start::Now
+                }
+            }
+        }
+        (Some(RawStart::Text(t)), CursorKind::Version) => {
+            problems.push(format!(
+                "{field}.start: {t:?} is neither \"now\", \"beginning\" nor a version number"
+            ));
+            Start::Now
+        }
+        (Some(RawStart::Version(v)), CursorKind::Time) => {
+            problems.push(format!(
+                "{field}.start: {v} is a number but the cursor is a time (lookback is a duration); write an RFC 3339 time"
+            ));
+            Start::Now
+        }
+    };
+
+    let payload = match e.payload.as_deref() {
+        None | Some("row") => PayloadMode::Row,
+        Some("key") => PayloadMode::Key,
+        Some(other) => {
+            problems.push(format!(
+                "{field}.payload: {other:?} is not \"row\" or \"key\""
+            ));
+            PayloadMode::Row
+        }
+    };
+
+    let chunk_rows = e.chunk_rows.unwrap_or(DEFAULT_CHUNK_ROWS);
+    if !(1..=100_000).contains(&chunk_rows) {
+        problems.push(format!(
+            "{field}.chunk_rows: {chunk_rows} is outside 1..=100000"
+        ));
+    }
+
+    let stream = e.stream.unwrap_or_else(|| name.to_owned());
+    if stream.is_empty() {
+        problems.push(format!("{field}.stream: must not be empty"));
+    }
+
+    if problems.len() > before {
+        return None;
+    }
+    Some(EntitySettings {
+        name: name.to_owned(),
+        source: e.source,
+        query,
+        query_origin,
+        key,
+        cursor: e.cursor,
+        cursor_kind,
+        lookback,
+        schedule: schedule?,
+        variant: e.variant.unwrap_or_else(|| name.to_owned()),
+        stream,
+        start,
+        payload,
+        chunk_rows,
+        max_stream_length: e.max_stream_length.unwrap_or(DEFAULT_MAX_STREAM_LENGTH),
+        delete_column: e.delete_column,
+    })
+}
+
+fn duration_or(
+    problems: &mut Vec<String>,
+    field: &str,
+    text: Option<&str>,
+    default: Duration,
+) -> Duration {
+    match text {
+        None => default,
+        Some(t) => match humantime::parse_duration(t) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                problems.push(format!("{field}: must be longer than zero"));
+                default
+            }
+            Err(err) => {
+                problems.push(format!(
+                    "{field}: {t:?} is not a duration ({err}); write e.g. \"30s\""
+                ));
+                default
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_the_password_only() {
+        assert_eq!(
+            mask_url("postgres://app:s3cret@db/shop"),
+            "postgres://app:***@db/shop"
+        );
+        assert_eq!(
+            mask_url("redis://127.0.0.1:6379/0"),
+            "redis://127.0.0.1:6379/0"
+        );
+        assert_eq!(mask_url("mysql://root@h/db"), "mysql://root@h/db");
+        assert_eq!(mask_url("sqlite://demo.db"), "sqlite://demo.db");
+        assert_eq!(mask_url("redis://:pw@h:1/0"), "redis://:***@h:1/0");
+    }
+
+    #[test]
+    fn interpolation_names_the_missing_variable_and_line() {
+        let text = "a = 1\n# b = \"${NOT_NEEDED}\"\nurl = \"x${MISSING}y\"\n";
+        let err = interpolate(Path::new("h.toml"), text, |_| None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "h.toml:3: environment variable MISSING is not set (write $${...} for a literal ${...})"
+        );
+        let ok = interpolate(Path::new("h.toml"), "u = \"${A}:$${B}\"", |v| {
+            (v == "A").then(|| "1".into())
+        })
+        .unwrap();
+        assert_eq!(ok, "u = \"1:${B}\"");
+    }
+}

@@ -1,0 +1,328 @@
+//! Redis: the stream and the per-entity state, written only through the two
+//! embedded Lua scripts (run by EVALSHA; redis-rs reloads them on NOSCRIPT,
+//! e.g. after a Redis restart emptied the script cache).
+//!
+//! The sink promises that a chunk is applied atomically (dedup state and
+//! stream entries together) and that the watermark moves only through
+//! [`Sink::commit`], after a whole window was read.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+
+use crate::change::Change;
+use crate::config::{mask_url, EntitySettings, RedisSettings};
+
+const DEDUP_LUA: &str = include_str!("../lua/dedup.lua");
+const COMMIT_LUA: &str = include_str!("../lua/commit.lua");
+/// Members trimmed per call of the commit script.
+const TRIM_BATCH: usize = 10_000;
+
+/// An error talking to Redis, with what it was doing.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("redis ({url}): cannot connect")]
+    Connect {
+        url: String,
+        #[source]
+        error: redis::RedisError,
+    },
+    #[error("entity {entity}: redis: {action} failed")]
+    Command {
+        entity: String,
+        action: &'static str,
+        #[source]
+        error: redis::RedisError,
+    },
+    #[error("entity {entity}: redis answered {action} with an unexpected reply: {reply}")]
+    Reply {
+        entity: String,
+        action: &'static str,
+        reply: String,
+    },
+}
+
+impl SinkError {
+    /// Worth retrying unchanged: the network, a restart, LOADING, a failover,
+    /// a full memory (OOM) that consumers will drain.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SinkError::Connect { error, .. } | SinkError::Command { error, .. } => {
+                is_transient_redis(error)
+            }
+            SinkError::Reply { .. } => false,
+        }
+    }
+
+    /// Redis refused a write because `maxmemory` is reached.
+    pub fn is_out_of_memory(&self) -> bool {
+        match self {
+            SinkError::Connect { error, .. } | SinkError::Command { error, .. } => {
+                error.code() == Some("OOM")
+            }
+            SinkError::Reply { .. } => false,
+        }
+    }
+}
+
+fn is_transient_redis(error: &redis::RedisError) -> bool {
+    error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || matches!(
+            error.kind(),
+            redis::ErrorKind::BusyLoadingError
+                | redis::ErrorKind::TryAgain
+                | redis::ErrorKind::MasterDown
+                | redis::ErrorKind::ClusterDown
+                | redis::ErrorKind::ReadOnly
+        )
+        || matches!(error.code(), Some("OOM" | "LOADING" | "BUSY"))
+}
+
+/// The Redis keys of one entity. All share one hash slot: the state keys
+/// carry the stream key's slot tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntityKeys {
+    pub stream: String,
+    pub seen: String,
+    pub digest: String,
+    pub state: String,
+}
+
+impl EntityKeys {
+    pub fn new(prefix: &str, entity: &str, stream: &str) -> EntityKeys {
+        let tag = slot_tag(stream);
+        EntityKeys {
+            stream: stream.to_owned(),
+            seen: format!("{prefix}:{{{tag}}}:seen:{entity}"),
+            digest: format!("{prefix}:{{{tag}}}:digest:{entity}"),
+            state: format!("{prefix}:{{{tag}}}:state:{entity}"),
+        }
+    }
+}
+
+/// The part of a key Redis Cluster hashes: the text inside the first
+/// non-empty `{...}`, else the whole key.
+pub fn slot_tag(key: &str) -> &str {
+    if let Some(open) = key.find('{') {
+        if let Some(len) = key[open + 1..].find('}') {
+            if len > 0 {
+                return &key[open + 1..open + 1 + len];
+            }
+        }
+    }
+    key
+}
+
+/// What a cycle leaves in the state hash for `status` and for people.
+#[derive(Debug, Clone, Default)]
+pub struct CycleFigures {
+    pub started_at_ms: i64,
+    pub duration_ms: u64,
+    pub rows: u64,
+    pub emitted: u64,
+}
+
+/// The connection to Redis and the two scripts.
+#[derive(Clone)]
+pub struct Sink {
+    conn: ConnectionManager,
+    prefix: String,
+    dedup: Script,
+    commit: Script,
+}
+
+impl Sink {
+    /// Connects (bounded by the configured timeout); afterwards the
+    /// connection reconnects by itself.
+    pub async fn connect(settings: &RedisSettings) -> Result<Sink, SinkError> {
+        let connect_error = |error| SinkError::Connect {
+            url: mask_url(&settings.url),
+            error,
+        };
+        let client = redis::Client::open(settings.url.as_str()).map_err(connect_error)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(settings.timeout)
+            .set_response_timeout(settings.timeout)
+            .set_number_of_retries(1)
+            .set_max_delay(1000);
+        let conn = tokio::time::timeout(
+            settings.timeout + Duration::from_secs(1),
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        .map_err(|_| {
+            connect_error(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            )))
+        })?
+        .map_err(connect_error)?;
+        Ok(Sink {
+            conn,
+            prefix: settings.key_prefix.clone(),
+            dedup: Script::new(DEDUP_LUA),
+            commit: Script::new(COMMIT_LUA),
+        })
+    }
+
+    /// The keys of an entity.
+    pub fn keys(&self, entity: &EntitySettings) -> EntityKeys {
+        EntityKeys::new(&self.prefix, &entity.name, &entity.stream)
+    }
+
+    /// A connection handle (cheap clone of the managed connection).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// The entity's state hash (watermark, figures), empty if it never ran.
+    pub async fn state(
+        &self,
+        entity: &str,
+        keys: &EntityKeys,
+    ) -> Result<HashMap<String, String>, SinkError> {
+        let mut conn = self.conn.clone();
+        conn.hgetall(&keys.state)
+            .await
+            .map_err(|error| SinkError::Command {
+                entity: entity.to_owned(),
+                action: "reading the state",
+                error,
+            })
+    }
+
+    /// Applies one chunk through the dedup script; returns how many rows were emitted.
+    pub async fn apply_chunk(
+        &self,
+        entity: &EntitySettings,
+        keys: &EntityKeys,
+        chunk: &[Change],
+    ) -> Result<u64, SinkError> {
+        let mut invocation = self.dedup.prepare_invoke();
+        invocation
+            .key(&keys.seen)
+            .key(&keys.digest)
+            .key(&keys.stream)
+            .key(&keys.state)
+            .arg(entity.max_stream_length)
+            .arg(&entity.variant)
+            .arg(if entity.payload == crate::config::PayloadMode::Row {
+                "1"
+            } else {
+                "0"
+            });
+        let mut digest = [0u8; 16];
+        for change in chunk {
+            invocation
+                .arg(&change.pkey)
+                .arg(change.epoch)
+                .arg(hex16(change.digest, &mut digest))
+                .arg(change.op.as_str())
+                .arg(change.payload.as_deref().unwrap_or(""));
+        }
+        let mut conn = self.conn.clone();
+        let (emitted, _writes): (u64, i64) =
+            invocation
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|error| SinkError::Command {
+                    entity: entity.name.clone(),
+                    action: "the dedup script",
+                    error,
+                })?;
+        Ok(emitted)
+    }
+
+    /// Advances the watermark to max(old, `candidate`) (`None`: keep it),
+    /// records the cycle's figures and trims what the next window cannot
+    /// return. Returns the watermark now stored.
+    pub async fn commit(
+        &self,
+        entity: &EntitySettings,
+        keys: &EntityKeys,
+        candidate: Option<i64>,
+        figures: &CycleFigures,
+    ) -> Result<Option<i64>, SinkError> {
+        let mut conn = self.conn.clone();
+        let candidate = candidate.map(|c| c.to_string()).unwrap_or_default();
+        let mut first = true;
+        loop {
+            let mut invocation = self.commit.prepare_invoke();
+            invocation
+                .key(&keys.state)
+                .key(&keys.seen)
+                .key(&keys.digest)
+                .arg(&candidate)
+                .arg(entity.lookback)
+                .arg(TRIM_BATCH);
+            if first {
+                invocation
+                    .arg("last_started_at_ms")
+                    .arg(figures.started_at_ms)
+                    .arg("last_duration_ms")
+                    .arg(figures.duration_ms)
+                    .arg("last_rows")
+                    .arg(figures.rows)
+                    .arg("last_emitted")
+                    .arg(figures.emitted);
+            }
+            let (watermark, trimmed): (Option<String>, usize) = invocation
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|error| SinkError::Command {
+                    entity: entity.name.clone(),
+                    action: "the commit script",
+                    error,
+                })?;
+            first = false;
+            if trimmed < TRIM_BATCH {
+                return watermark
+                    .map(|w| {
+                        w.parse::<i64>().map_err(|_| SinkError::Reply {
+                            entity: entity.name.clone(),
+                            action: "the commit script",
+                            reply: w.clone(),
+                        })
+                    })
+                    .transpose();
+            }
+        }
+    }
+}
+
+/// A digest as 16 lowercase hex digits, without allocating.
+fn hex16(value: u64, out: &mut [u8; 16]) -> &str {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = HEX[((value >> ((15 - i) * 4)) & 0xf) as usize];
+    }
+    std::str::from_utf8(out).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_keys_share_the_stream_slot() {
+        let keys = EntityKeys::new("highwater", "customers", "customers");
+        assert_eq!(keys.seen, "highwater:{customers}:seen:customers");
+        assert_eq!(keys.digest, "highwater:{customers}:digest:customers");
+        assert_eq!(keys.state, "highwater:{customers}:state:customers");
+        let tagged = EntityKeys::new("hw", "orders", "shop:{eu}:orders");
+        assert_eq!(tagged.seen, "hw:{eu}:seen:orders");
+        assert_eq!(slot_tag("a{}b"), "a{}b");
+    }
+
+    #[test]
+    fn digests_are_sixteen_hex_digits() {
+        let mut buf = [0u8; 16];
+        assert_eq!(hex16(0xab, &mut buf), "00000000000000ab");
+        assert_eq!(hex16(u64::MAX, &mut buf), "ffffffffffffffff");
+    }
+}

@@ -1,0 +1,446 @@
+//! The databases highwater polls: PostgreSQL, MySQL/MariaDB and SQLite.
+//!
+//! A [`Source`] promises three things: the database's own clock
+//! ([`Source::now`]), a [`Prepared`] query per entity whose columns were
+//! checked once (key, cursor, types), and the window's rows streamed one at a
+//! time as [`Change`]s, never all in memory. Each backend decodes its own
+//! types (sqlx's `Any` driver cannot decode timestamps, numerics, UUIDs or
+//! JSON); types highwater does not know are sent as their text form.
+
+mod mysql;
+pub mod placeholder;
+mod postgres;
+mod sqlite;
+
+use std::time::Duration;
+
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt;
+
+use crate::change::{Change, RowError, RowShape};
+use crate::config::{mask_url, Backend, CursorKind, EntitySettings, SourceSettings};
+
+/// An error from a source, with the source and entity it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("source {source_name} ({url}): invalid connection URL")]
+    Url {
+        source_name: String,
+        url: String,
+        #[source]
+        error: sqlx::Error,
+    },
+    #[error("source {source_name} ({url}): cannot connect")]
+    Connect {
+        source_name: String,
+        url: String,
+        #[source]
+        error: sqlx::Error,
+    },
+    #[error("entity {entity}: query ({origin}) failed on source {source_name}")]
+    Query {
+        entity: String,
+        source_name: String,
+        origin: String,
+        #[source]
+        error: sqlx::Error,
+    },
+    #[error("entity {entity}: query ({origin}): {message}")]
+    Shape {
+        entity: String,
+        origin: String,
+        message: String,
+    },
+    #[error("entity {entity}: row {row} of the window: {error}")]
+    Row {
+        entity: String,
+        row: u64,
+        #[source]
+        error: RowError,
+    },
+    #[error("source {source_name}: no answer within {}", humantime::format_duration(*.timeout))]
+    Timeout {
+        source_name: String,
+        timeout: Duration,
+    },
+}
+
+impl SourceError {
+    /// Worth retrying unchanged (the network, the server, a lock), as
+    /// opposed to needing a fix in the config, the query or the data.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SourceError::Url { .. } | SourceError::Shape { .. } | SourceError::Row { .. } => false,
+            SourceError::Timeout { .. } => true,
+            SourceError::Connect { error, .. } | SourceError::Query { error, .. } => {
+                is_transient_sqlx(error)
+            }
+        }
+    }
+}
+
+fn is_transient_sqlx(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            match db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                // Connection exceptions, shutdown, serialization, deadlock, resources, cancel.
+                Some(_) => {
+                    code.starts_with("08")
+                        || code.starts_with("53")
+                        || code.starts_with("57")
+                        || code == "40001"
+                        || code == "40P01"
+                }
+                None => {
+                    if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+                        // Too many connections, shutdown, lock wait, deadlock, gone away.
+                        matches!(my.number(), 1040 | 1053 | 1205 | 1213 | 2006 | 2013 | 1927)
+                    } else {
+                        // SQLite: BUSY, LOCKED.
+                        matches!(code.as_ref(), "5" | "6" | "517" | "262")
+                    }
+                }
+            }
+        }
+        _ => false,
+    }
+}
+
+/// How the `:since` value is bound: decided once per entity from what the
+/// query compares it with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SinceBinding {
+    /// A UTC timestamp (`timestamptz`, MySQL `TIMESTAMP`).
+    Utc,
+    /// A naive timestamp in the source's time zone (`timestamp`, `DATETIME`).
+    Naive,
+    /// A date in the source's time zone (floor of the epoch).
+    Date,
+    /// Unix seconds (an integer column holding times).
+    UnixSeconds,
+    /// The integer itself (version cursors).
+    Integer,
+    /// SQLite's text form `YYYY-MM-DD HH:MM:SS` in the source's time zone.
+    SqliteText,
+    /// PostgreSQL text parameter: the timestamp as text.
+    Text,
+}
+
+/// An entity's query, checked against the database: rewritten SQL, how its
+/// columns decode and which of them are key and cursor.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub entity: String,
+    pub origin: String,
+    /// The SQL sent to the server (placeholders rewritten, maybe wrapped).
+    pub sql: String,
+    /// How many placeholders to bind (MySQL binds `?` once per occurrence).
+    pub since_occurrences: usize,
+    pub since: SinceBinding,
+    pub shape: RowShape,
+    /// One decoder per column, meaning depends on the backend.
+    pub(crate) columns: Vec<ColumnDecoder>,
+    /// Column type names as the database reported them (for `check`).
+    pub column_types: Vec<String>,
+}
+
+/// How one column decodes into a [`crate::change::Value`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ColumnDecoder {
+    Null,
+    Bool,
+    /// MySQL `TINYINT(1)`: 0 and 1 as booleans, anything else as a number.
+    TinyBool,
+    Int,
+    UInt,
+    Float32,
+    Float64,
+    Decimal,
+    Text,
+    /// Binary strings: text when valid UTF-8 (MySQL flags `_bin` collations binary too), else base64.
+    BytesOrText,
+    Bytes,
+    Json,
+    Jsonb,
+    Utc,
+    Naive,
+    Date,
+    Uuid,
+    /// MySQL `TIME` (may exceed 24 h or be negative), sent as text.
+    MySqlTime,
+    /// MySQL `BIT(n)`, sent as a number.
+    Bit,
+    /// SQLite: whatever the value's storage class says.
+    Dynamic {
+        temporal: bool,
+        boolean: bool,
+    },
+}
+
+enum Pool {
+    Postgres(sqlx::PgPool),
+    MySql(sqlx::MySqlPool),
+    Sqlite(sqlx::SqlitePool),
+}
+
+/// A configured database, with a lazily connecting pool.
+pub struct Source {
+    pub name: String,
+    pub backend: Backend,
+    masked_url: String,
+    pool: Pool,
+    timezone: chrono_tz::Tz,
+    timeout: Duration,
+}
+
+/// The earliest epoch: `start = "beginning"` binds the backend's minimum.
+pub const BEGINNING: i64 = i64::MIN;
+
+impl Source {
+    /// Builds the pool without connecting: a database that is down at start
+    /// is retried by the cycles, not fatal.
+    pub fn new(settings: &SourceSettings) -> Result<Source, SourceError> {
+        let masked_url = mask_url(&settings.url);
+        let url_error = |error| SourceError::Url {
+            source_name: settings.name.clone(),
+            url: masked_url.clone(),
+            error,
+        };
+        let pool = match settings.backend {
+            Backend::Postgres => Pool::Postgres(postgres::pool(settings).map_err(url_error)?),
+            Backend::MySql => Pool::MySql(mysql::pool(settings).map_err(url_error)?),
+            Backend::Sqlite => Pool::Sqlite(sqlite::pool(settings).map_err(url_error)?),
+        };
+        Ok(Source {
+            name: settings.name.clone(),
+            backend: settings.backend,
+            masked_url,
+            pool,
+            timezone: settings.timezone,
+            timeout: settings.timeout,
+        })
+    }
+
+    /// The URL with the password masked.
+    pub fn masked_url(&self) -> &str {
+        &self.masked_url
+    }
+
+    /// The database's own clock, microseconds since 1970 UTC.
+    pub async fn now(&self) -> Result<i64, SourceError> {
+        let result = match &self.pool {
+            Pool::Postgres(pool) => self.timed(postgres::now(pool)).await,
+            Pool::MySql(pool) => self.timed(mysql::now(pool)).await,
+            Pool::Sqlite(pool) => self.timed(sqlite::now(pool)).await,
+        }?;
+        result.map_err(|error| self.connect_error(error))
+    }
+
+    /// The server's version string.
+    pub async fn server_version(&self) -> Result<String, SourceError> {
+        let result = match &self.pool {
+            Pool::Postgres(pool) => self.timed(postgres::version(pool)).await,
+            Pool::MySql(pool) => self.timed(mysql::version(pool)).await,
+            Pool::Sqlite(pool) => self.timed(sqlite::version(pool)).await,
+        }?;
+        result.map_err(|error| self.connect_error(error))
+    }
+
+    /// Checks an entity's query against the database: the placeholders, the
+    /// key and cursor columns, how each column decodes and how `:since` binds.
+    pub async fn prepare(&self, entity: &EntitySettings) -> Result<Prepared, SourceError> {
+        let sql = entity
+            .query
+            .trim()
+            .trim_end_matches(';')
+            .trim_end()
+            .to_owned();
+        let query_error = |error| SourceError::Query {
+            entity: entity.name.clone(),
+            source_name: self.name.clone(),
+            origin: entity.query_origin.clone(),
+            error,
+        };
+        let described = match &self.pool {
+            Pool::Postgres(pool) => self.timed(postgres::describe(pool, &sql)).await,
+            Pool::MySql(pool) => self.timed(mysql::describe(pool, &sql)).await,
+            Pool::Sqlite(pool) => self.timed(sqlite::describe(pool, &sql)).await,
+        }?
+        .map_err(query_error)?;
+
+        let shape_error = |message: String| SourceError::Shape {
+            entity: entity.name.clone(),
+            origin: entity.query_origin.clone(),
+            message,
+        };
+        let shape = RowShape::new(
+            described.names.clone(),
+            &entity.key,
+            &entity.cursor,
+            entity.delete_column.as_deref(),
+            entity.cursor_kind,
+            self.timezone,
+            entity.payload,
+        )
+        .map_err(shape_error)?;
+        let cursor = shape.cursor_index();
+        let since = match entity.cursor_kind {
+            CursorKind::Version => SinceBinding::Integer,
+            CursorKind::Time => described
+                .time_binding
+                .or_else(|| {
+                    let cursor_type = described.types[cursor].as_str();
+                    match self.backend {
+                        Backend::Postgres => postgres::binding_for(cursor_type),
+                        Backend::MySql => mysql::binding_for_cursor(cursor_type),
+                        Backend::Sqlite => sqlite::binding_for_cursor(cursor_type),
+                    }
+                })
+                .ok_or_else(|| {
+                shape_error(format!(
+                    "cannot bind :since for cursor {:?} of type {}: use a timestamp, datetime or date column, or an integer one with an integer lookback",
+                    entity.cursor, described.types[cursor]
+                ))
+            })?,
+        };
+        if entity.cursor_kind == CursorKind::Version
+            && !matches!(
+                described.decoders[cursor],
+                ColumnDecoder::Int
+                    | ColumnDecoder::UInt
+                    | ColumnDecoder::Decimal
+                    | ColumnDecoder::Dynamic { .. }
+            )
+        {
+            return Err(shape_error(format!(
+                "cursor {:?} is of type {}, but an integer lookback needs an integer version column",
+                entity.cursor, described.types[cursor]
+            )));
+        }
+        Ok(Prepared {
+            entity: entity.name.clone(),
+            origin: entity.query_origin.clone(),
+            sql: described.sql,
+            since_occurrences: described.since_occurrences,
+            since,
+            shape,
+            columns: described.decoders,
+            column_types: described.types,
+        })
+    }
+
+    /// Streams the window's rows as changes. `since` is the window's start
+    /// epoch ([`BEGINNING`] for everything). Each wait for the next row is
+    /// bounded by the source's timeout.
+    pub fn changes<'a>(
+        &'a self,
+        prepared: &'a Prepared,
+        since: i64,
+    ) -> BoxStream<'a, Result<Change, SourceError>> {
+        let query_error = move |error| SourceError::Query {
+            entity: prepared.entity.clone(),
+            source_name: self.name.clone(),
+            origin: prepared.origin.clone(),
+            error,
+        };
+        let rows = match &self.pool {
+            Pool::Postgres(pool) => postgres::changes(pool, prepared, since, self.timezone),
+            Pool::MySql(pool) => mysql::changes(pool, prepared, since, self.timezone),
+            Pool::Sqlite(pool) => sqlite::changes(pool, prepared, since, self.timezone),
+        };
+        let timeout = self.timeout;
+        // Each wait is bounded; after a timeout or an error the stream ends.
+        let stream = futures_util::stream::unfold(Some((rows, 0u64)), move |state| async move {
+            let (mut rows, number) = state?;
+            let item = match tokio::time::timeout(timeout, rows.next()).await {
+                Err(_) => Err(SourceError::Timeout {
+                    source_name: self.name.clone(),
+                    timeout,
+                }),
+                Ok(None) => return None,
+                Ok(Some(Err(error))) => Err(query_error(error)),
+                Ok(Some(Ok(Err(error)))) => Err(SourceError::Row {
+                    entity: prepared.entity.clone(),
+                    row: number + 1,
+                    error,
+                }),
+                Ok(Some(Ok(Ok(change)))) => Ok(change),
+            };
+            let next = if item.is_ok() {
+                Some((rows, number + 1))
+            } else {
+                None
+            };
+            Some((item, next))
+        });
+        Box::pin(stream)
+    }
+
+    async fn timed<T>(&self, work: impl std::future::Future<Output = T>) -> Result<T, SourceError> {
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| SourceError::Timeout {
+                source_name: self.name.clone(),
+                timeout: self.timeout,
+            })
+    }
+
+    fn connect_error(&self, error: sqlx::Error) -> SourceError {
+        SourceError::Connect {
+            source_name: self.name.clone(),
+            url: self.masked_url.clone(),
+            error,
+        }
+    }
+
+    /// Closes the pool's connections.
+    pub async fn close(&self) {
+        match &self.pool {
+            Pool::Postgres(pool) => pool.close().await,
+            Pool::MySql(pool) => pool.close().await,
+            Pool::Sqlite(pool) => pool.close().await,
+        }
+    }
+}
+
+/// What a backend learned from preparing a query.
+pub(crate) struct Described {
+    /// The SQL to run (rewritten, maybe wrapped to cast unknown types to text).
+    sql: String,
+    since_occurrences: usize,
+    names: Vec<String>,
+    types: Vec<String>,
+    decoders: Vec<ColumnDecoder>,
+    /// How a time cursor's `:since` binds, if the parameter's type told;
+    /// else the cursor column's type decides.
+    time_binding: Option<SinceBinding>,
+}
+
+/// One row from a backend: a change, a row-level problem, or a SQL error.
+pub(crate) type RowResult = Result<Result<Change, RowError>, sqlx::Error>;
+
+/// Floor of an epoch for a bind in whole seconds.
+pub(crate) fn epoch_secs(epoch: i64) -> i64 {
+    epoch.div_euclid(1_000_000)
+}
+
+/// A float read from a 4-byte column, as the shortest decimal that reads back
+/// the same (0.1f32 is "0.1", not 0.10000000149011612).
+pub(crate) fn widen_f32(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
+
+/// Bytes as text when they are UTF-8, else as bytes (base64 in JSON).
+pub(crate) fn bytes_or_text(bytes: &[u8]) -> crate::change::Value<'_> {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => crate::change::Value::Text(s.into()),
+        Err(_) => crate::change::Value::Bytes(bytes.into()),
+    }
+}

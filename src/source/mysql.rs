@@ -1,0 +1,239 @@
+//! MySQL and MariaDB. The session runs in UTC (`TIMESTAMP` columns arrive
+//! as UTC); `DATETIME` columns are read in the source's time zone. Spatial
+//! columns are wrapped in `ST_AsText`; `ENUM`, `SET`, `DECIMAL`, `TIME`
+//! go out as text, `YEAR` and `BIT` as numbers.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt;
+use sqlx::mysql::{MySqlArguments, MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
+use sqlx::{Column, Executor, MySql, Row, Statement, TypeInfo, ValueRef};
+
+use super::placeholder::rewrite_since;
+use super::{
+    bytes_or_text, epoch_secs, widen_f32, ColumnDecoder, Described, Prepared, RowResult,
+    SinceBinding, BEGINNING,
+};
+use crate::change::{epoch_to_naive, naive_to_epoch, Value};
+use crate::config::{Backend, SourceSettings};
+
+/// The earliest time bound for `start = "beginning"`: MySQL's `1000-01-01`.
+const FLOOR_US: i64 = -30_610_224_000_000_000;
+
+pub(super) fn pool(settings: &SourceSettings) -> Result<MySqlPool, sqlx::Error> {
+    let url = settings.url.replacen("mariadb://", "mysql://", 1);
+    // Keep the server's own SQL mode: sqlx would add PIPES_AS_CONCAT, which
+    // changes what `||` means in the user's query.
+    let options = MySqlConnectOptions::from_str(&url)?
+        .pipes_as_concat(false)
+        .no_engine_substitution(false)
+        .timezone(Some("+00:00".to_owned()));
+    Ok(MySqlPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .min_connections(0)
+        .acquire_timeout(settings.timeout)
+        .connect_lazy_with(options))
+}
+
+pub(super) async fn now(pool: &MySqlPool) -> Result<i64, sqlx::Error> {
+    let now: NaiveDateTime = sqlx::query_scalar("SELECT UTC_TIMESTAMP(6)")
+        .fetch_one(pool)
+        .await?;
+    Ok(now.and_utc().timestamp_micros())
+}
+
+pub(super) async fn version(pool: &MySqlPool) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar("SELECT VERSION()").fetch_one(pool).await
+}
+
+pub(super) async fn describe(pool: &MySqlPool, sql: &str) -> Result<Described, sqlx::Error> {
+    let rewritten = rewrite_since(sql, Backend::MySql, "?");
+    let mut conn = pool.acquire().await?;
+    let statement = (&mut *conn).prepare(&rewritten.sql).await?;
+
+    let mut names = Vec::new();
+    let mut types = Vec::new();
+    let mut decoders = Vec::new();
+    for column in statement.columns() {
+        let type_name = column.type_info().name().to_owned();
+        names.push(column.name().to_owned());
+        decoders.push(decoder_for(&type_name));
+        types.push(type_name);
+    }
+
+    let spatial = |t: &str| t == "GEOMETRY";
+    let sql = if types.iter().any(|t| spatial(t)) {
+        let list = names
+            .iter()
+            .zip(&types)
+            .map(|(name, t)| {
+                let quoted = format!("`{}`", name.replace('`', "``"));
+                if spatial(t) {
+                    format!("ST_AsText(q.{quoted}) AS {quoted}")
+                } else {
+                    format!("q.{quoted}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let wrapped = format!("SELECT {list} FROM (\n{}\n) AS q", rewritten.sql);
+        (&mut *conn).prepare(&wrapped).await?;
+        for (decoder, t) in decoders.iter_mut().zip(&types) {
+            if spatial(t) {
+                *decoder = ColumnDecoder::BytesOrText;
+            }
+        }
+        wrapped
+    } else {
+        rewritten.sql
+    };
+    Ok(Described {
+        sql,
+        since_occurrences: rewritten.occurrences,
+        names,
+        types,
+        decoders,
+        // MySQL does not report parameter types: the cursor column's type decides.
+        time_binding: None,
+    })
+}
+
+/// How `:since` binds for a cursor column of this type.
+pub(super) fn binding_for_cursor(type_name: &str) -> Option<SinceBinding> {
+    match type_name {
+        "TIMESTAMP" => Some(SinceBinding::Utc),
+        // Text columns holding times compare correctly with a DATETIME parameter.
+        "DATETIME" | "CHAR" | "VARCHAR" | "TEXT" => Some(SinceBinding::Naive),
+        "DATE" => Some(SinceBinding::Date),
+        t if t.contains("INT") => Some(SinceBinding::UnixSeconds),
+        _ => None,
+    }
+}
+
+fn decoder_for(type_name: &str) -> ColumnDecoder {
+    match type_name {
+        "NULL" => ColumnDecoder::Null,
+        "BOOLEAN" => ColumnDecoder::TinyBool,
+        "TINYINT" | "SMALLINT" | "MEDIUMINT" | "INT" | "BIGINT" | "YEAR" => ColumnDecoder::Int,
+        t if t.ends_with(" UNSIGNED") => ColumnDecoder::UInt,
+        "FLOAT" => ColumnDecoder::Float32,
+        "DOUBLE" => ColumnDecoder::Float64,
+        "DECIMAL" => ColumnDecoder::Decimal,
+        "JSON" => ColumnDecoder::Json,
+        "DATE" => ColumnDecoder::Date,
+        "DATETIME" => ColumnDecoder::Naive,
+        "TIMESTAMP" => ColumnDecoder::Utc,
+        "TIME" => ColumnDecoder::MySqlTime,
+        "BIT" => ColumnDecoder::Bit,
+        "BINARY" | "VARBINARY" | "TINYBLOB" | "BLOB" | "MEDIUMBLOB" | "LONGBLOB" | "GEOMETRY" => {
+            ColumnDecoder::BytesOrText
+        }
+        // CHAR, VARCHAR, *TEXT, ENUM, SET, and anything newer: text.
+        _ => ColumnDecoder::Text,
+    }
+}
+
+pub(super) fn changes<'a>(
+    pool: &'a MySqlPool,
+    prepared: &'a Prepared,
+    since: i64,
+    tz: chrono_tz::Tz,
+) -> BoxStream<'a, RowResult> {
+    let mut query = sqlx::query::<MySql>(&prepared.sql);
+    for _ in 0..prepared.since_occurrences {
+        query = bind(query, prepared.since, since, tz);
+    }
+    let mut json = String::new();
+    query
+        .fetch(pool)
+        .map(move |row| {
+            let row = row?;
+            let values = (0..prepared.columns.len())
+                .map(|i| decode(&row, i, prepared.columns[i], tz))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(prepared.shape.build(&values, &mut json))
+        })
+        .boxed()
+}
+
+type MySqlQuery<'q> = sqlx::query::Query<'q, MySql, MySqlArguments>;
+
+fn bind(
+    query: MySqlQuery<'_>,
+    binding: SinceBinding,
+    since: i64,
+    tz: chrono_tz::Tz,
+) -> MySqlQuery<'_> {
+    let time = if since == BEGINNING {
+        FLOOR_US
+    } else {
+        since.max(FLOOR_US)
+    };
+    match binding {
+        SinceBinding::Integer => query.bind(since),
+        SinceBinding::Utc => query.bind(
+            DateTime::<Utc>::from_timestamp_micros(time)
+                .unwrap_or(DateTime::<Utc>::MIN_UTC)
+                .naive_utc(),
+        ),
+        SinceBinding::Naive | SinceBinding::Text | SinceBinding::SqliteText => {
+            query.bind(epoch_to_naive(time, tz))
+        }
+        SinceBinding::Date => query.bind(epoch_to_naive(time, tz).date()),
+        SinceBinding::UnixSeconds => query.bind(if since == BEGINNING {
+            i64::MIN
+        } else {
+            epoch_secs(since)
+        }),
+    }
+}
+
+fn decode<'r>(
+    row: &'r MySqlRow,
+    i: usize,
+    decoder: ColumnDecoder,
+    tz: chrono_tz::Tz,
+) -> Result<Value<'r>, sqlx::Error> {
+    if row.try_get_raw(i)?.is_null() {
+        return Ok(Value::Null);
+    }
+    Ok(match decoder {
+        ColumnDecoder::Null => Value::Null,
+        ColumnDecoder::TinyBool => match row.try_get_unchecked::<i64, _>(i)? {
+            v @ (0 | 1) => Value::Bool(v == 1),
+            v => Value::Int(v),
+        },
+        ColumnDecoder::Int => Value::Int(row.try_get_unchecked::<i64, _>(i)?),
+        ColumnDecoder::UInt => Value::UInt(row.try_get_unchecked::<u64, _>(i)?),
+        ColumnDecoder::Float32 => Value::Float(widen_f32(row.try_get_unchecked::<f32, _>(i)?)),
+        ColumnDecoder::Float64 => Value::Float(row.try_get_unchecked::<f64, _>(i)?),
+        ColumnDecoder::Decimal => Value::Decimal(row.try_get_unchecked::<&str, _>(i)?.into()),
+        ColumnDecoder::Json => Value::Json(row.try_get_unchecked::<&str, _>(i)?.into()),
+        ColumnDecoder::Date => Value::Date(row.try_get_unchecked::<NaiveDate, _>(i)?),
+        ColumnDecoder::Naive => Value::Timestamp(naive_to_epoch(
+            row.try_get_unchecked::<NaiveDateTime, _>(i)?,
+            tz,
+        )),
+        ColumnDecoder::Utc => Value::Timestamp(
+            row.try_get_unchecked::<DateTime<Utc>, _>(i)?
+                .timestamp_micros(),
+        ),
+        ColumnDecoder::MySqlTime => Value::Text(
+            row.try_get_unchecked::<sqlx::mysql::types::MySqlTime, _>(i)?
+                .to_string()
+                .into(),
+        ),
+        ColumnDecoder::Bit => {
+            let bytes = row.try_get_unchecked::<&[u8], _>(i)?;
+            Value::UInt(bytes.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
+        }
+        ColumnDecoder::BytesOrText | ColumnDecoder::Bytes => {
+            bytes_or_text(row.try_get_unchecked::<&[u8], _>(i)?)
+        }
+        _ => Value::Text(String::from_utf8_lossy(
+            row.try_get_unchecked::<&[u8], _>(i)?,
+        )),
+    })
+}
