@@ -1,0 +1,231 @@
+//! Shared test harness: real servers (PostgreSQL, MariaDB, Redis, SQLite
+//! files), each test with its own tables, key prefix and stream names, and
+//! the real `highwater` binary run as a user runs it.
+//!
+//! Servers default to the local ones; override with `HIGHWATER_TEST_PG`,
+//! `HIGHWATER_TEST_MYSQL`, `HIGHWATER_TEST_REDIS`.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+
+pub fn pg_url() -> String {
+    std::env::var("HIGHWATER_TEST_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+pub fn mysql_url() -> String {
+    std::env::var("HIGHWATER_TEST_MYSQL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("HIGHWATER_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+/// A name no other test (or earlier run) uses: `prefix_<pid>_<n>_<time>`.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        % 100_000_000;
+    format!("{prefix}_{}_{n}_{t}", std::process::id())
+}
+
+/// One message as a consumer reads it from the stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub id: String,
+    pub pkey: String,
+    pub epoch: i64,
+    pub variant: String,
+    pub op: String,
+    /// The parsed payload, `None` when the field is absent.
+    pub payload: Option<serde_json::Value>,
+}
+
+/// A test's own corner: a temp dir for its config, its own Redis key prefix.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub prefix: String,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        Env {
+            dir: tempfile::tempdir().expect("temp dir"),
+            prefix: unique("hwtest"),
+        }
+    }
+
+    /// Writes `highwater.toml` with a `[redis]` table for this test's prefix
+    /// followed by `body` (sources and entities), and returns its path.
+    pub fn config(&self, body: &str) -> PathBuf {
+        let path = self.dir.path().join("highwater.toml");
+        let text = format!(
+            "[redis]\nurl = \"{}\"\nkey_prefix = \"{}\"\n\n{body}",
+            redis_url(),
+            self.prefix
+        );
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    /// Writes a file next to the config (e.g. `queries/x.sql`).
+    pub fn file(&self, relative: &str, contents: &str) -> PathBuf {
+        let path = self.dir.path().join(relative);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("create dir");
+        }
+        std::fs::write(&path, contents).expect("write file");
+        path
+    }
+}
+
+/// Runs the `highwater` binary with these arguments.
+pub fn highwater(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_highwater"))
+        .args(args)
+        .env_remove("HIGHWATER_LOG")
+        .output()
+        .expect("run highwater")
+}
+
+/// `highwater once --config <path>`; panics with stdout/stderr if it fails.
+pub fn once_ok(config: &Path) -> String {
+    let out = highwater(&["once", "--config", config.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "highwater once failed ({}):\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// `highwater once` expected to fail: returns stderr.
+pub fn once_err(config: &Path) -> String {
+    let out = highwater(&["once", "--config", config.to_str().unwrap()]);
+    assert!(
+        !out.status.success(),
+        "highwater once should have failed; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis")
+}
+
+/// Every message of a stream, oldest first.
+pub async fn read_stream(stream: &str) -> Vec<Message> {
+    let mut conn = redis_conn().await;
+    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("XRANGE");
+    entries
+        .into_iter()
+        .map(|(id, fields)| {
+            let get = |name: &str| {
+                fields
+                    .iter()
+                    .find(|(f, _)| f == name)
+                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            };
+            Message {
+                id,
+                pkey: get("pkey").expect("pkey field"),
+                epoch: get("epoch")
+                    .expect("epoch field")
+                    .parse()
+                    .expect("epoch is an integer"),
+                variant: get("variant").expect("variant field"),
+                op: get("op").expect("op field"),
+                payload: get("payload").map(|p| serde_json::from_str(&p).expect("payload is JSON")),
+            }
+        })
+        .collect()
+}
+
+/// Deletes a stream (tests that reuse a name across runs).
+pub async fn delete_key(key: &str) {
+    let mut conn = redis_conn().await;
+    let _: () = conn.del(key).await.expect("DEL");
+}
+
+/// Messages of one key, in stream order.
+pub fn of_key<'a>(messages: &'a [Message], pkey: &str) -> Vec<&'a Message> {
+    messages.iter().filter(|m| m.pkey == pkey).collect()
+}
+
+/// Waits until `check` is true, failing with `what` after `deadline`.
+pub async fn eventually<F, Fut>(deadline: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn pg() -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&pg_url())
+        .await
+        .expect("connect to PostgreSQL (is it running? ./scripts/test starts it)")
+}
+
+pub async fn mysql() -> sqlx::MySqlPool {
+    sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(4)
+        .connect(&mysql_url())
+        .await
+        .expect("connect to MariaDB (is it running? ./scripts/test starts it)")
+}
+
+/// Runs each `;`-separated statement (no literals containing `;`).
+pub async fn pg_exec(pool: &sqlx::PgPool, sql: &str) {
+    for statement in sql.split(';').filter(|s| !s.trim().is_empty()) {
+        sqlx::query(statement)
+            .execute(pool)
+            .await
+            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+}
+
+pub async fn mysql_exec(pool: &sqlx::MySqlPool, sql: &str) {
+    for statement in sql.split(';').filter(|s| !s.trim().is_empty()) {
+        sqlx::query(statement)
+            .execute(pool)
+            .await
+            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+}
