@@ -45,4 +45,7 @@ if watermark then
     redis.call('HDEL', digests, unpack(members, first, last))
   end
 end
+-- How many keys the dedup state tracks: a cycle that later finds the digest
+-- hash empty while this is not zero knows Redis lost data.
+redis.call('HSET', state, 'tracked', redis.call('ZCARD', seen))
 return {watermark or false, trimmed}

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, EntitySettings};
-use crate::poller::{run_cycle, CycleError, CycleReport};
+use crate::poller::{run_cycle, CycleError, CycleReport, EntityMemory};
 use crate::sink::{Sink, SinkError};
 use crate::source::{Prepared, Source, SourceError};
 
@@ -61,7 +61,8 @@ pub async fn once(
         async move {
             let result = async {
                 let prepared = source.prepare(entity).await?;
-                Ok(run_cycle(entity, source, &prepared, sink, stop).await?)
+                let mut memory = EntityMemory::default();
+                Ok(run_cycle(entity, source, &prepared, sink, stop, &mut memory).await?)
             }
             .await;
             (entity.name.clone(), result)
@@ -107,6 +108,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     let config = Arc::new(config);
+    let (fatal_tx, mut fatal) = mpsc::channel::<AgentError>(1);
+    let pause = spawn_memory_watch(sink.clone(), config.redis.pause_at_memory, stop.clone());
     let mut tasks = Vec::new();
     for entity in config.entities.values() {
         let task = EntityTask {
@@ -116,13 +119,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             sink: sink.clone(),
             prepared: prepared.remove(&entity.name),
             stop: stop.clone(),
+            memory: EntityMemory::default(),
+            pause: pause.clone(),
+            fatal: fatal_tx.clone(),
         };
         tasks.push(tokio::spawn(task.run()));
     }
     tracing::info!(entities = tasks.len(), "polling");
 
-    shutdown.await;
-    tracing::info!("shutting down: finishing the chunks in flight");
+    drop(fatal_tx);
+    let outcome = tokio::select! {
+        () = &mut shutdown => {
+            tracing::info!("shutting down: finishing the chunks in flight");
+            Ok(())
+        }
+        Some(error) = fatal.recv() => {
+            tracing::error!(error = %error_chain(&error), "stopping the agent");
+            Err(error)
+        }
+    };
     let _ = stop_tx.send(true);
     for task in tasks {
         if let Err(e) = task.await {
@@ -132,7 +147,47 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     for source in sources.values() {
         source.close().await;
     }
-    Ok(())
+    outcome
+}
+
+/// How often the memory watch reads `INFO memory`.
+const MEMORY_WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Watches Redis memory once a second for all entities: the receiver holds
+/// why polling is paused (`used_memory / maxmemory` above `threshold`), or
+/// `None`. Writes refused with OOM are retried by the cycles' backoff anyway;
+/// pausing first keeps the agent from hammering a full Redis.
+fn spawn_memory_watch(
+    sink: Sink,
+    threshold: f64,
+    mut stop: watch::Receiver<bool>,
+) -> watch::Receiver<Option<String>> {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        loop {
+            let reason = match sink.memory_ratio().await {
+                Ok(Some(ratio)) if ratio > threshold => Some(format!(
+                    "redis memory at {:.0}% of maxmemory, above pause_at_memory = {:.0}%: waiting for consumers to trim streams",
+                    ratio * 100.0,
+                    threshold * 100.0
+                )),
+                // Unknown (Redis unreachable): the cycles find out and back off.
+                _ => None,
+            };
+            if *tx.borrow() != reason {
+                match &reason {
+                    Some(why) => tracing::warn!(reason = %why, "polling paused"),
+                    None => tracing::info!("polling resumed"),
+                }
+                let _ = tx.send(reason);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(MEMORY_WATCH_INTERVAL) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    });
+    rx
 }
 
 /// Connects to Redis, retrying with backoff; `None` when stopped first.
@@ -162,6 +217,11 @@ struct EntityTask {
     sink: Sink,
     prepared: Option<Prepared>,
     stop: watch::Receiver<bool>,
+    memory: EntityMemory,
+    /// Why polling is paused (Redis memory), if it is.
+    pause: watch::Receiver<Option<String>>,
+    /// Where an error that must stop the whole agent goes.
+    fatal: mpsc::Sender<AgentError>,
 }
 
 impl EntityTask {
@@ -183,6 +243,15 @@ impl EntityTask {
             if *self.stop.borrow() {
                 return;
             }
+            if self.pause.borrow().is_some() {
+                // Wait for the pause to lift (or shutdown), then poll at once.
+                tokio::select! {
+                    _ = self.pause.wait_for(Option::is_none) => {}
+                    _ = self.stop.changed() => return,
+                }
+                next = Utc::now();
+                continue;
+            }
             match self.cycle().await {
                 Ok(report) => {
                     failures = 0;
@@ -197,6 +266,13 @@ impl EntityTask {
                     if missed > 0 {
                         tracing::warn!(entity = %self.entity, missed, "the cycle outlasted its schedule: ticks skipped");
                     }
+                }
+                Err(CycleError::StateLost { entity, evidence }) => {
+                    let _ = self
+                        .fatal
+                        .send(CycleError::StateLost { entity, evidence }.into())
+                        .await;
+                    return;
                 }
                 Err(e) => {
                     failures += 1;
@@ -221,7 +297,15 @@ impl EntityTask {
             None => self.source.prepare(self.settings()).await?,
         };
         let entity = &self.config.entities[&self.entity];
-        let result = run_cycle(entity, &self.source, &prepared, &self.sink, &self.stop).await;
+        let result = run_cycle(
+            entity,
+            &self.source,
+            &prepared,
+            &self.sink,
+            &self.stop,
+            &mut self.memory,
+        )
+        .await;
         self.prepared = Some(prepared);
         result
     }

@@ -24,6 +24,8 @@ pub const DEFAULT_MAX_STREAM_LENGTH: u64 = 1_000_000;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
 /// Default time a connect, a query's next row or a Redis reply may take.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default share of Redis `maxmemory` above which polling pauses.
+pub const DEFAULT_PAUSE_AT_MEMORY: f64 = 0.9;
 
 /// A configuration error: which file, and what is wrong in it.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +79,8 @@ struct RawRedis {
     key_prefix: Option<String>,
     /// How long a connect or a reply may take before the cycle is abandoned.
     timeout: Option<String>,
+    /// Share of `maxmemory` (0 < x <= 1) above which polling pauses until consumers drain streams.
+    pause_at_memory: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -146,6 +150,8 @@ struct RawEntity {
     max_stream_length: Option<u64>,
     /// Column whose true / non-zero / non-NULL value marks the row deleted (`op = delete`).
     delete_column: Option<String>,
+    /// What to do when Redis lost this entity's state: `fail` (stop, default) or `resnapshot`.
+    on_state_loss: Option<String>,
 }
 
 // ---------------------------------------------------------------------------
@@ -166,6 +172,8 @@ pub struct RedisSettings {
     pub url: String,
     pub key_prefix: String,
     pub timeout: Duration,
+    /// Polling pauses while `used_memory / maxmemory` is above this.
+    pub pause_at_memory: f64,
 }
 
 /// Which SQL database a source is.
@@ -222,6 +230,16 @@ pub enum PayloadMode {
     Key,
 }
 
+/// What a cycle does when Redis lost the entity's state (watermark and
+/// dedup sets gone while the stream shows the entity ran before).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnStateLoss {
+    /// Stop with an error: an operator decides.
+    Fail,
+    /// Re-read everything the query returns (consumers see every row again).
+    Resnapshot,
+}
+
 pub struct EntitySettings {
     pub name: String,
     pub source: String,
@@ -242,6 +260,7 @@ pub struct EntitySettings {
     pub chunk_rows: usize,
     pub max_stream_length: u64,
     pub delete_column: Option<String>,
+    pub on_state_loss: OnStateLoss,
 }
 
 impl Config {
@@ -393,8 +412,15 @@ fn validate(path: &Path, base_dir: &Path, raw: RawConfig) -> Result<Config, Conf
             raw.redis.timeout.as_deref(),
             DEFAULT_TIMEOUT,
         ),
+        pause_at_memory: raw.redis.pause_at_memory.unwrap_or(DEFAULT_PAUSE_AT_MEMORY),
         url: raw.redis.url,
     };
+    if !(redis.pause_at_memory > 0.0 && redis.pause_at_memory <= 1.0) {
+        problems.push(format!(
+            "redis.pause_at_memory: {} is not a share of maxmemory in (0, 1]",
+            redis.pause_at_memory
+        ));
+    }
     if !(redis.url.starts_with("redis://")
         || redis.url.starts_with("rediss://")
         || redis.url.starts_with("unix://")
@@ -646,6 +672,17 @@ fn validate_entity(
         }
     };
 
+    let on_state_loss = match e.on_state_loss.as_deref() {
+        None | Some("fail") => OnStateLoss::Fail,
+        Some("resnapshot") => OnStateLoss::Resnapshot,
+        Some(other) => {
+            problems.push(format!(
+                "{field}.on_state_loss: {other:?} is not \"fail\" or \"resnapshot\""
+            ));
+            OnStateLoss::Fail
+        }
+    };
+
     let chunk_rows = e.chunk_rows.unwrap_or(DEFAULT_CHUNK_ROWS);
     if !(1..=100_000).contains(&chunk_rows) {
         problems.push(format!(
@@ -678,6 +715,7 @@ fn validate_entity(
         chunk_rows,
         max_stream_length: e.max_stream_length.unwrap_or(DEFAULT_MAX_STREAM_LENGTH),
         delete_column: e.delete_column,
+        on_state_loss,
     })
 }
 

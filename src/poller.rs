@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use crate::change::Change;
-use crate::config::{CursorKind, EntitySettings, Start};
+use crate::config::{CursorKind, EntitySettings, OnStateLoss, Start};
 use crate::sink::{CycleFigures, Sink, SinkError};
 use crate::source::{Prepared, Source, SourceError, BEGINNING};
 
@@ -23,6 +23,8 @@ pub enum CycleError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error("entity {entity}: Redis lost this entity's state ({evidence}); not starting over silently. Restore Redis (and run it with persistence), or set on_state_loss = \"resnapshot\" to re-read everything the query returns")]
+    StateLost { entity: String, evidence: String },
 }
 
 impl CycleError {
@@ -31,8 +33,20 @@ impl CycleError {
         match self {
             CycleError::Source(e) => e.is_transient(),
             CycleError::Sink(e) => e.is_transient(),
+            CycleError::StateLost { .. } => false,
         }
     }
+}
+
+/// How many of a stream's latest entries are searched for an entity's own
+/// messages when its state is missing.
+const LOSS_EVIDENCE_DEPTH: usize = 1000;
+
+/// What an entity's poller remembers between cycles of one process.
+#[derive(Debug, Default)]
+pub struct EntityMemory {
+    /// A cycle of this process found or created the entity's state in Redis.
+    pub had_state: bool,
 }
 
 /// What one cycle did.
@@ -65,20 +79,65 @@ pub async fn run_cycle(
     prepared: &Prepared,
     sink: &Sink,
     stop: &watch::Receiver<bool>,
+    memory: &mut EntityMemory,
 ) -> Result<CycleReport, CycleError> {
     let started = Instant::now();
     let started_at_ms = chrono::Utc::now().timestamp_millis();
     let keys = sink.keys(entity);
 
-    let state = sink.state(&entity.name, &keys).await?;
-    let watermark: Option<i64> = state.get("watermark").and_then(|w| w.parse().ok());
+    let state = sink.snapshot(&entity.name, &keys).await?;
+    let mut watermark = state.watermark;
+    let lost = if state.digests_vanished() {
+        Some(format!(
+            "its digest hash is empty although the last cycle left {} keys in it",
+            state.tracked
+        ))
+    } else if state.exists {
+        None
+    } else if memory.had_state {
+        Some("its state keys vanished while this agent was running".to_owned())
+    } else if sink
+        .stream_has_variant(&entity.name, &keys, &entity.variant, LOSS_EVIDENCE_DEPTH)
+        .await?
+    {
+        Some(format!(
+            "its state keys are missing but stream {} holds its messages",
+            keys.stream
+        ))
+    } else {
+        None
+    };
+    let mut resnapshot = false;
+    if let Some(evidence) = lost {
+        match entity.on_state_loss {
+            OnStateLoss::Fail => {
+                return Err(CycleError::StateLost {
+                    entity: entity.name.clone(),
+                    evidence,
+                })
+            }
+            OnStateLoss::Resnapshot => {
+                tracing::error!(
+                    entity = %entity.name,
+                    evidence = %evidence,
+                    "redis lost this entity's state: re-reading everything the query returns (on_state_loss = \"resnapshot\"); consumers will see rows again"
+                );
+                resnapshot = true;
+                watermark = None;
+            }
+        }
+    }
     // The clock is read before the window's snapshot is taken: every change
     // committed after the snapshot carries a cursor >= T0 - (transaction length).
     let t0 = match entity.cursor_kind {
         CursorKind::Time => Some(source.now().await?),
         CursorKind::Version => None,
     };
-    let since = window_start(entity, watermark, t0);
+    let since = if resnapshot {
+        BEGINNING
+    } else {
+        window_start(entity, watermark, t0)
+    };
 
     let mut report = CycleReport {
         entity: entity.name.clone(),
@@ -105,6 +164,8 @@ pub async fn run_cycle(
         chunk.push(change);
         if chunk.len() >= entity.chunk_rows {
             report.emitted += sink.apply_chunk(entity, &keys, &chunk).await?;
+            // A chunk that emitted created the state hash.
+            memory.had_state |= report.emitted > 0;
             chunk.clear();
             if *stop.borrow() {
                 report.interrupted = true;
@@ -137,6 +198,9 @@ pub async fn run_cycle(
             emitted: report.emitted,
         };
         report.watermark = sink.commit(entity, &keys, candidate, &figures).await?;
+        memory.had_state = true;
+    } else {
+        memory.had_state |= report.emitted > 0;
     }
     report.duration = started.elapsed();
     Ok(report)

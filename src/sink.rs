@@ -118,6 +118,25 @@ pub fn slot_tag(key: &str) -> &str {
     key
 }
 
+/// What a cycle finds in Redis before it starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateSnapshot {
+    /// The state hash exists (it is created by the first chunk that emits).
+    pub exists: bool,
+    pub watermark: Option<i64>,
+    /// Keys the dedup state tracked after the last commit.
+    pub tracked: u64,
+    /// Keys in the digest hash now.
+    pub digests: u64,
+}
+
+impl StateSnapshot {
+    /// The dedup hash vanished although the last commit left keys in it.
+    pub fn digests_vanished(&self) -> bool {
+        self.exists && self.tracked > 0 && self.digests == 0
+    }
+}
+
 /// What a cycle leaves in the state hash for `status` and for people.
 #[derive(Debug, Clone, Default)]
 pub struct CycleFigures {
@@ -194,6 +213,81 @@ impl Sink {
                 action: "reading the state",
                 error,
             })
+    }
+
+    /// Reads what a cycle needs to start, in one round trip: the state hash
+    /// and the size of the digest hash.
+    pub async fn snapshot(
+        &self,
+        entity: &str,
+        keys: &EntityKeys,
+    ) -> Result<StateSnapshot, SinkError> {
+        let mut conn = self.conn.clone();
+        let (state, digests): (HashMap<String, String>, u64) = redis::pipe()
+            .hgetall(&keys.state)
+            .hlen(&keys.digest)
+            .query_async(&mut conn)
+            .await
+            .map_err(|error| SinkError::Command {
+                entity: entity.to_owned(),
+                action: "reading the state",
+                error,
+            })?;
+        Ok(StateSnapshot {
+            exists: !state.is_empty(),
+            watermark: state.get("watermark").and_then(|w| w.parse().ok()),
+            tracked: state
+                .get("tracked")
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0),
+            digests,
+        })
+    }
+
+    /// Does the stream hold a message of this variant among its latest
+    /// `depth` entries? (Evidence that the entity ran before.)
+    pub async fn stream_has_variant(
+        &self,
+        entity: &str,
+        keys: &EntityKeys,
+        variant: &str,
+        depth: usize,
+    ) -> Result<bool, SinkError> {
+        let mut conn = self.conn.clone();
+        let entries: redis::streams::StreamRangeReply = conn
+            .xrevrange_count(&keys.stream, "+", "-", depth)
+            .await
+            .map_err(|error| SinkError::Command {
+                entity: entity.to_owned(),
+                action: "reading the stream",
+                error,
+            })?;
+        Ok(entries.ids.iter().any(|entry| {
+            matches!(entry.map.get("variant"), Some(redis::Value::BulkString(v)) if v.as_slice() == variant.as_bytes())
+        }))
+    }
+
+    /// `used_memory / maxmemory`, or `None` when Redis has no memory limit.
+    pub async fn memory_ratio(&self) -> Result<Option<f64>, SinkError> {
+        let mut conn = self.conn.clone();
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut conn)
+            .await
+            .map_err(|error| SinkError::Command {
+                entity: String::new(),
+                action: "INFO memory",
+                error,
+            })?;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        };
+        Ok(match (field("used_memory"), field("maxmemory")) {
+            (Some(used), Some(max)) if max > 0.0 => Some(used / max),
+            _ => None,
+        })
     }
 
     /// Applies one chunk through the dedup script; returns how many rows were emitted.
