@@ -8,6 +8,8 @@ pub mod agent;
 pub mod change;
 /// The TOML configuration, parsed and validated with named errors.
 pub mod config;
+/// Crash points for fault-injection tests (`HIGHWATER_CRASH_AT`).
+pub mod fault;
 /// One cycle of one entity: window, chunks, commit.
 pub mod poller;
 /// Cron and interval schedules.

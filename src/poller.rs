@@ -152,6 +152,7 @@ pub async fn run_cycle(
     };
     let mut max_epoch: Option<i64> = None;
     let mut chunk: Vec<Change> = Vec::with_capacity(entity.chunk_rows);
+    let mut chunks = 0u64;
     let mut rows = source.changes(prepared, since);
     while let Some(change) = rows.next().await {
         let change = change?;
@@ -166,6 +167,8 @@ pub async fn run_cycle(
             report.emitted += sink.apply_chunk(entity, &keys, &chunk).await?;
             // A chunk that emitted created the state hash.
             memory.had_state |= report.emitted > 0;
+            chunks += 1;
+            crate::fault::after_chunk(chunks);
             chunk.clear();
             if *stop.borrow() {
                 report.interrupted = true;
@@ -187,6 +190,7 @@ pub async fn run_cycle(
     }
 
     if !report.interrupted {
+        crate::fault::before_commit();
         let candidate = match entity.cursor_kind {
             CursorKind::Time => t0,
             CursorKind::Version => max_epoch,
