@@ -47,6 +47,68 @@ const LOSS_EVIDENCE_DEPTH: usize = 1000;
 pub struct EntityMemory {
     /// A cycle of this process found or created the entity's state in Redis.
     pub had_state: bool,
+    /// Hashes of (pkey, digest) the last complete cycle confirmed as the
+    /// last emitted version in Redis, sorted. A row whose pair is here is
+    /// skipped without asking Redis: an unchanged re-scan costs no Redis
+    /// command per row. Rebuilt every cycle from that cycle's rows only, so
+    /// a key that went A → B → A is asked about again.
+    confirmed: Vec<u64>,
+    /// The state's write counter when `confirmed` was built; a different
+    /// value at cycle start means the state changed behind this process's
+    /// back (lost, reset, another agent) and `confirmed` is dropped.
+    writes: Option<i64>,
+}
+
+/// Reads a window into chunks, skipping rows below the window and rows the
+/// agent's memory confirms as already emitted.
+struct Window<'a> {
+    rows: futures_util::stream::BoxStream<'a, Result<Change, SourceError>>,
+    since: i64,
+    chunk_rows: usize,
+    confirmed: &'a [u64],
+    next_confirmed: Vec<u64>,
+    max_epoch: Option<i64>,
+    read: u64,
+    below_window: u64,
+    /// Rows skipped because `confirmed` knew them.
+    known: u64,
+}
+
+impl Window<'_> {
+    /// Fills `chunk` up to `chunk_rows`; `Ok(true)` when the window is exhausted.
+    async fn fill(&mut self, chunk: &mut Vec<Change>) -> Result<bool, SourceError> {
+        while chunk.len() < self.chunk_rows {
+            let Some(change) = self.rows.next().await else {
+                return Ok(true);
+            };
+            let change = change?;
+            self.read += 1;
+            if change.epoch < self.since {
+                self.below_window += 1;
+                continue;
+            }
+            self.max_epoch = Some(self.max_epoch.map_or(change.epoch, |m| m.max(change.epoch)));
+            let pair = version_hash(&change);
+            if self.confirmed.binary_search(&pair).is_ok() {
+                self.known += 1;
+                self.next_confirmed.push(pair);
+                continue;
+            }
+            chunk.push(change);
+        }
+        Ok(false)
+    }
+
+    /// After the dedup script applied `chunk`, each row's digest is the last
+    /// emitted one of its key (emitted now or before).
+    fn confirm(&mut self, chunk: &[Change]) {
+        self.next_confirmed.extend(chunk.iter().map(version_hash));
+    }
+}
+
+/// One 64-bit value for (pkey, digest).
+fn version_hash(change: &Change) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(change.pkey.as_bytes(), change.digest)
 }
 
 /// What one cycle did.
@@ -150,35 +212,71 @@ pub async fn run_cycle(
         watermark,
         interrupted: false,
     };
-    let mut max_epoch: Option<i64> = None;
-    let mut chunk: Vec<Change> = Vec::with_capacity(entity.chunk_rows);
-    let mut chunks = 0u64;
-    let mut rows = source.changes(prepared, since);
-    while let Some(change) = rows.next().await {
-        let change = change?;
-        report.rows += 1;
-        if change.epoch < since {
-            report.below_window += 1;
-            continue;
-        }
-        max_epoch = Some(max_epoch.map_or(change.epoch, |m| m.max(change.epoch)));
-        chunk.push(change);
-        if chunk.len() >= entity.chunk_rows {
-            report.emitted += sink.apply_chunk(entity, &keys, &chunk).await?;
-            // A chunk that emitted created the state hash.
-            memory.had_state |= report.emitted > 0;
-            chunks += 1;
-            crate::fault::after_chunk(chunks);
-            chunk.clear();
-            if *stop.borrow() {
-                report.interrupted = true;
-                break;
-            }
-        }
+    // The agent's memory of confirmed versions is valid only while nobody
+    // else wrote this entity's state since this process last did.
+    if memory.writes != Some(state.writes) {
+        memory.confirmed.clear();
     }
-    drop(rows);
-    if !report.interrupted && !chunk.is_empty() {
-        report.emitted += sink.apply_chunk(entity, &keys, &chunk).await?;
+    let mut window = Window {
+        rows: source.changes(prepared, since),
+        since,
+        chunk_rows: entity.chunk_rows,
+        confirmed: &memory.confirmed,
+        next_confirmed: Vec::new(),
+        max_epoch: None,
+        read: 0,
+        below_window: 0,
+        known: 0,
+    };
+    let mut expected_writes = state.writes;
+    let mut foreign_writes = false;
+    let mut chunks = 0u64;
+    let mut current = Vec::with_capacity(entity.chunk_rows);
+    let mut ended = window.fill(&mut current).await?;
+    // One chunk in flight in Redis while the next one is read and decoded.
+    while !current.is_empty() {
+        let mut next = Vec::with_capacity(if ended { 0 } else { entity.chunk_rows });
+        let (applied, filled) = if ended {
+            (sink.apply_chunk(entity, &keys, &current).await, Ok(true))
+        } else {
+            tokio::join!(
+                sink.apply_chunk(entity, &keys, &current),
+                window.fill(&mut next)
+            )
+        };
+        let (emitted, writes) = applied?;
+        report.emitted += emitted;
+        // A chunk that emitted created the state hash.
+        memory.had_state |= emitted > 0;
+        if emitted > 0 {
+            expected_writes += 1;
+        }
+        foreign_writes |= writes != expected_writes;
+        expected_writes = writes;
+        window.confirm(&current);
+        chunks += 1;
+        crate::fault::after_chunk(chunks);
+        if *stop.borrow() {
+            report.interrupted = true;
+            break;
+        }
+        ended = filled?;
+        current = next;
+    }
+    report.rows = window.read;
+    report.below_window = window.below_window;
+    let max_epoch = window.max_epoch;
+    let mut next_confirmed = std::mem::take(&mut window.next_confirmed);
+    drop(window);
+    if foreign_writes || report.interrupted {
+        // Someone else wrote this entity's state meanwhile (or the cycle is
+        // incomplete): forget, and let Redis decide every row next time.
+        memory.confirmed.clear();
+        memory.writes = None;
+    } else {
+        next_confirmed.sort_unstable();
+        memory.confirmed = next_confirmed;
+        memory.writes = Some(expected_writes);
     }
     report.skipped = report.rows - report.below_window - report.emitted;
     if report.below_window > 0 {

@@ -128,6 +128,8 @@ pub struct StateSnapshot {
     pub tracked: u64,
     /// Keys in the digest hash now.
     pub digests: u64,
+    /// How many chunks ever emitted for this entity (the dedup script counts).
+    pub writes: i64,
 }
 
 impl StateSnapshot {
@@ -241,6 +243,10 @@ impl Sink {
                 .and_then(|t| t.parse().ok())
                 .unwrap_or(0),
             digests,
+            writes: state
+                .get("writes")
+                .and_then(|w| w.parse().ok())
+                .unwrap_or(0),
         })
     }
 
@@ -290,13 +296,14 @@ impl Sink {
         })
     }
 
-    /// Applies one chunk through the dedup script; returns how many rows were emitted.
+    /// Applies one chunk through the dedup script; returns how many rows
+    /// were emitted and the state's write counter afterwards.
     pub async fn apply_chunk(
         &self,
         entity: &EntitySettings,
         keys: &EntityKeys,
         chunk: &[Change],
-    ) -> Result<u64, SinkError> {
+    ) -> Result<(u64, i64), SinkError> {
         let mut invocation = self.dedup.prepare_invoke();
         invocation
             .key(&keys.seen)
@@ -320,7 +327,7 @@ impl Sink {
                 .arg(change.payload.as_deref().unwrap_or(""));
         }
         let mut conn = self.conn.clone();
-        let (emitted, _writes): (u64, i64) =
+        let (emitted, writes): (u64, i64) =
             invocation
                 .invoke_async(&mut conn)
                 .await
@@ -329,7 +336,7 @@ impl Sink {
                     action: "the dedup script",
                     error,
                 })?;
-        Ok(emitted)
+        Ok((emitted, writes))
     }
 
     /// Advances the watermark to max(old, `candidate`) (`None`: keep it),
