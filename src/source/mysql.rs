@@ -221,9 +221,7 @@ fn decode<'r>(
                 .timestamp_micros(),
         ),
         ColumnDecoder::MySqlTime => Value::Text(
-            row.try_get_unchecked::<sqlx::mysql::types::MySqlTime, _>(i)?
-                .to_string()
-                .into(),
+            time_text(&row.try_get_unchecked::<sqlx::mysql::types::MySqlTime, _>(i)?).into(),
         ),
         ColumnDecoder::Bit => {
             let bytes = row.try_get_unchecked::<&[u8], _>(i)?;
@@ -236,4 +234,23 @@ fn decode<'r>(
             row.try_get_unchecked::<&[u8], _>(i)?,
         )),
     })
+}
+
+/// A `TIME` as MySQL prints it: `[-]HH:MM:SS[.ffffff]`, at least two hour
+/// digits (sqlx's `Display` writes `8:05:00`), the fraction without trailing zeros.
+fn time_text(time: &sqlx::mysql::types::MySqlTime) -> String {
+    // Not `time.is_negative()`: in sqlx 0.8 it returns `is_positive()`.
+    let sign = if time.sign().is_negative() { "-" } else { "" };
+    let mut text = format!(
+        "{sign}{:02}:{:02}:{:02}",
+        time.hours(),
+        time.minutes(),
+        time.seconds()
+    );
+    if time.microseconds() != 0 {
+        let fraction = format!("{:06}", time.microseconds());
+        text.push('.');
+        text.push_str(fraction.trim_end_matches('0'));
+    }
+    text
 }
