@@ -62,8 +62,8 @@ pub struct Change {
 /// Why a row could not become a change. The poller adds entity and row number.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum RowError {
-    #[error("key column {column} is NULL")]
-    NullKey { column: String },
+    #[error("key column {column} is NULL in the row {row}")]
+    NullKey { column: String, row: String },
     #[error("cursor column {column} is NULL in the row with key {pkey}")]
     NullCursor { column: String, pkey: String },
     #[error("cursor column {column} holds {value}, which is not a {expected}, in the row with key {pkey}")]
@@ -163,7 +163,7 @@ impl RowShape {
         json.push('}');
         let digest = xxhash_rust::xxh3::xxh3_64(json.as_bytes());
 
-        let pkey = self.pkey(values)?;
+        let pkey = self.pkey(values, json)?;
         let cursor_column = &self.columns[self.cursor];
         let epoch = match cursor_epoch(&values[self.cursor], self.cursor_kind, self.timezone) {
             Ok(epoch) => epoch,
@@ -202,11 +202,12 @@ impl RowShape {
     }
 
     /// The key as one string: a single key's plain text, or a JSON array for a composite key.
-    fn pkey(&self, values: &[Value<'_>]) -> Result<String, RowError> {
+    fn pkey(&self, values: &[Value<'_>], json: &str) -> Result<String, RowError> {
         for &i in &self.key {
             if values[i] == Value::Null {
                 return Err(RowError::NullKey {
                     column: self.columns[i].clone(),
+                    row: preview(json),
                 });
             }
         }
@@ -223,6 +224,19 @@ impl RowShape {
         out.push(']');
         Ok(out)
     }
+}
+
+/// The row's JSON, shortened for an error message.
+fn preview(json: &str) -> String {
+    const MAX: usize = 200;
+    if json.len() <= MAX {
+        return json.to_owned();
+    }
+    let mut end = MAX;
+    while !json.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &json[..end])
 }
 
 /// A value as plain text: strings unquoted, everything else as in JSON.
@@ -254,8 +268,11 @@ pub fn write_json(value: &Value<'_>, out: &mut String) {
         Value::Float(f) if f.is_finite() => {
             let _ = write!(out, "{f}");
         }
-        // JSON has no NaN or infinity: send them as strings rather than fail the row.
-        Value::Float(f) => write_json_string(&f.to_string(), out),
+        // JSON has no NaN or infinity: send them as strings (spelled as
+        // PostgreSQL and JavaScript do) rather than fail the row.
+        Value::Float(f) if f.is_nan() => out.push_str("\"NaN\""),
+        Value::Float(f) if *f > 0.0 => out.push_str("\"Infinity\""),
+        Value::Float(_) => out.push_str("\"-Infinity\""),
         Value::Decimal(s) | Value::Text(s) => write_json_string(s, out),
         Value::Json(raw) => match serde_json::from_str::<&serde_json::value::RawValue>(raw) {
             Ok(valid) => out.push_str(valid.get()),
@@ -468,10 +485,8 @@ mod tests {
         let mut r = row(Value::Null);
         r[0] = Value::Null;
         assert_eq!(
-            s.build(&r, &mut buf).unwrap_err(),
-            RowError::NullKey {
-                column: "id".into()
-            }
+            s.build(&r, &mut buf).unwrap_err().to_string(),
+            r#"key column id is NULL in the row {"id":null,"line":3,"name":null,"updated_at":"2023-11-14T22:13:20.123456Z","deleted":false}"#
         );
         let mut r = row(Value::Null);
         r[3] = Value::Null;

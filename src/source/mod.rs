@@ -184,7 +184,9 @@ pub(crate) enum ColumnDecoder {
     },
 }
 
-enum Pool {
+/// A source's connection pool, by backend (for `check`, which runs its own
+/// diagnostic SQL: `EXPLAIN`, open transactions).
+pub enum Pool {
     Postgres(sqlx::PgPool),
     MySql(sqlx::MySqlPool),
     Sqlite(sqlx::SqlitePool),
@@ -233,8 +235,32 @@ impl Source {
         &self.masked_url
     }
 
+    /// The connection pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// How long a connect or an answer may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// When the pool holds no connection (at start, after an outage), one
+    /// direct connection attempt: a refused connection or a bad password is
+    /// then reported at once and as itself, where the pool would retry until
+    /// its timeout and report only "pool timed out".
+    async fn probe(&self) -> Result<(), SourceError> {
+        let result = match &self.pool {
+            Pool::Postgres(pool) => self.timed(probe_pool(pool)).await,
+            Pool::MySql(pool) => self.timed(probe_pool(pool)).await,
+            Pool::Sqlite(pool) => self.timed(probe_pool(pool)).await,
+        }?;
+        result.map_err(|error| self.connect_error(error))
+    }
+
     /// The database's own clock, microseconds since 1970 UTC.
     pub async fn now(&self) -> Result<i64, SourceError> {
+        self.probe().await?;
         let result = match &self.pool {
             Pool::Postgres(pool) => self.timed(postgres::now(pool)).await,
             Pool::MySql(pool) => self.timed(mysql::now(pool)).await,
@@ -245,6 +271,7 @@ impl Source {
 
     /// The server's version string.
     pub async fn server_version(&self) -> Result<String, SourceError> {
+        self.probe().await?;
         let result = match &self.pool {
             Pool::Postgres(pool) => self.timed(postgres::version(pool)).await,
             Pool::MySql(pool) => self.timed(mysql::version(pool)).await,
@@ -256,6 +283,7 @@ impl Source {
     /// Checks an entity's query against the database: the placeholders, the
     /// key and cursor columns, how each column decodes and how `:since` binds.
     pub async fn prepare(&self, entity: &EntitySettings) -> Result<Prepared, SourceError> {
+        self.probe().await?;
         let sql = entity
             .query
             .trim()
@@ -408,6 +436,14 @@ impl Source {
             Pool::Sqlite(pool) => pool.close().await,
         }
     }
+}
+
+async fn probe_pool<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> Result<(), sqlx::Error> {
+    use sqlx::{ConnectOptions, Connection};
+    if pool.size() > 0 {
+        return Ok(());
+    }
+    pool.connect_options().connect().await?.close().await
 }
 
 /// What a backend learned from preparing a query.
