@@ -1056,8 +1056,6 @@ async fn an_unreachable_database_fails_with_one_line_naming_the_source() {
 }
 
 #[tokio::test]
-#[ignore = "sqlx's pool retries a refused connection until the source timeout (30 s by default), \
-            then reports only `pool timed out while waiting for an open connection`"]
 async fn an_unreachable_database_is_reported_as_a_refused_connection() {
     let env = Env::new();
     let config = EntityConfig::new("items", "SELECT 1 AS id, now() AS updated_at")
