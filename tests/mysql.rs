@@ -136,6 +136,17 @@ fn one_error_line(config: &Path) -> String {
     lines[0].to_owned()
 }
 
+/// Turns off the agent's HTTP listener (by default `run` serves `/metrics` on
+/// 127.0.0.1:9187, where another test's agent may already listen).
+fn without_http_listener(config: &Path) {
+    use std::io::Write as _;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(config)
+        .and_then(|mut file| file.write_all(b"\n[http]\nlisten = \"\"\n"))
+        .expect("append [http] to the config");
+}
+
 /// The error line carries `essentials` first (more context may follow).
 fn assert_error_starts(line: &str, essentials: &str) {
     assert!(
@@ -191,6 +202,13 @@ impl Drop for RunningAgent {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "log of highwater run ({}):\n{}",
+                self.log.display(),
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
         }
     }
 }
@@ -330,6 +348,7 @@ async fn restart_after_sigterm_emits_nothing_twice() {
     let pool = mysql().await;
     let table = unique("my_restart");
     let config = items(&env, &pool, &table, "every = \"200ms\"").await;
+    without_http_listener(&config);
     insert_items(&pool, &table, 50).await;
     let stream = table.as_str();
 
@@ -1011,8 +1030,6 @@ async fn unreachable_mysql_fails_with_one_line_naming_the_source() {
 }
 
 #[tokio::test]
-#[ignore = "sqlx's pool retries a refused connection until the timeout and reports only \
-            `pool timed out while waiting for an open connection`: the cause is lost"]
 async fn unreachable_mysql_error_says_why() {
     let env = Env::new();
     let config = unreachable(&env, &unique("my_down"));
