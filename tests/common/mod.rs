@@ -229,3 +229,149 @@ pub async fn mysql_exec(pool: &sqlx::MySqlPool, sql: &str) {
             .unwrap_or_else(|e| panic!("{statement}: {e}"));
     }
 }
+
+// ---------------------------------------------------------------------------
+// SQLite files and `highwater run` as a child process (tests/sqlite.rs, tests/run.rs).
+// ---------------------------------------------------------------------------
+
+/// A SQLite database file, created if missing, in WAL mode so that the agent
+/// reads a committed snapshot while the test writes.
+pub async fn sqlite(path: &Path) -> sqlx::SqlitePool {
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(10));
+    sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .unwrap_or_else(|e| panic!("open SQLite file {}: {e}", path.display()))
+}
+
+/// The source URL of a SQLite file, as a user writes it in the config.
+pub fn sqlite_url(path: &Path) -> String {
+    format!("sqlite://{}", path.display())
+}
+
+pub async fn sqlite_exec(pool: &sqlx::SqlitePool, sql: &str) {
+    for statement in sql.split(';').filter(|s| !s.trim().is_empty()) {
+        sqlx::query(statement)
+            .execute(pool)
+            .await
+            .unwrap_or_else(|e| panic!("{statement}: {e}"));
+    }
+}
+
+/// `highwater run` as a child process, logging JSON lines at `info` to a
+/// pipe that a thread collects, so tests can wait for log lines and signal it.
+/// Dropping it kills the process if it still runs.
+pub struct Agent {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    /// Starts `highwater run --config <config> --log-format json`.
+    pub fn start(config: &Path) -> Agent {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_highwater"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .args(["--log-format", "json"])
+            .env("HIGHWATER_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start highwater run");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Agent { child, lines }
+    }
+
+    /// Every stderr line so far.
+    pub fn stderr(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// The stderr lines that are JSON log events, parsed.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        self.stderr()
+            .iter()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+
+    /// The `cycle` events (one per finished cycle), optionally of one entity.
+    pub fn cycles(&self, entity: Option<&str>) -> Vec<serde_json::Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["message"] == "cycle")
+            .filter(|e| entity.is_none_or(|name| e["entity"] == name))
+            .collect()
+    }
+
+    /// Waits until a log event satisfies `check`, failing with `what` after `deadline`.
+    pub async fn wait_for_event(
+        &self,
+        deadline: Duration,
+        what: &str,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) {
+        let start = Instant::now();
+        while !self.events().iter().any(&check) {
+            assert!(
+                start.elapsed() < deadline,
+                "timed out after {deadline:?} waiting for {what}; stderr:\n{}",
+                self.stderr().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends a signal (`TERM`, `INT`) with the `kill` command, as an operator would.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args(["-s", name, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -s {name} failed");
+    }
+
+    /// The exit status if the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("wait for highwater run")
+    }
+
+    /// Waits for the process to exit, failing after `deadline`.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.exited() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "highwater run did not exit within {deadline:?}; stderr:\n{}",
+                self.stderr().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

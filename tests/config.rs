@@ -1,0 +1,322 @@
+//! Configuration and command-line errors, as the user reads them on stderr:
+//! each names the file, the entity and the field (or the line), and no
+//! password from a URL ever reaches the terminal.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+
+/// A valid entity `orders` on source `db`; tests break one field at a time.
+const ORDERS: &str = r#"
+[sources.db]
+url = "sqlite://app.db"
+
+[entities.orders]
+source = "db"
+query = "SELECT id, updated_at FROM orders WHERE updated_at >= :since"
+key = "id"
+cursor = "updated_at"
+lookback = "5m"
+every = "10s"
+"#;
+
+/// `highwater once` on `config`, expected to fail: its stderr, which must be
+/// exactly one `error: ` line.
+fn error_of(config: &Path) -> String {
+    let stderr = once_err(config);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one error line expected:\n{stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    lines[0].to_owned()
+}
+
+/// Writes the config with `from` replaced by `to` in [`ORDERS`].
+fn orders_with(env: &Env, from: &str, to: &str) -> PathBuf {
+    assert!(ORDERS.contains(from), "{from:?} is not in the base config");
+    env.config(&ORDERS.replacen(from, to, 1))
+}
+
+/// The 1-based line of the first line containing `needle`.
+fn line_of(path: &Path, needle: &str) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("{needle:?} not in {}", path.display()))
+        + 1
+}
+
+fn run_with_env(args: &[&str], var: &str, value: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_highwater"))
+        .args(args)
+        .env_remove("HIGHWATER_LOG")
+        .env(var, value)
+        .output()
+        .expect("run highwater")
+}
+
+#[test]
+fn an_unknown_key_is_named_with_its_line() {
+    let env = Env::new();
+    let config = orders_with(&env, "every = \"10s\"", "shedule = \"*/5 * * * *\"");
+    let error = error_of(&config);
+    let line = line_of(&config, "shedule");
+    assert!(error.contains(&config.display().to_string()), "{error}");
+    assert!(error.contains(&format!("line {line}:")), "{error}");
+    assert!(error.contains("unknown field `shedule`"), "{error}");
+}
+
+#[test]
+fn a_missing_environment_variable_is_named_with_its_line() {
+    let env = Env::new();
+    let var = unique("NOPE").to_uppercase();
+    let config = orders_with(
+        &env,
+        "url = \"sqlite://app.db\"",
+        &format!("url = \"postgres://app:${{{var}}}@db/shop\""),
+    );
+    let error = error_of(&config);
+    let line = line_of(&config, &var);
+    assert!(
+        error.contains(&format!(
+            "{}:{line}: environment variable {var} is not set",
+            config.display()
+        )),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_bad_cron_expression_names_the_field_and_what_is_wrong() {
+    let env = Env::new();
+    let config = orders_with(&env, "every = \"10s\"", "schedule = \"*/5 * *\"");
+    let error = error_of(&config);
+    assert!(error.contains(&config.display().to_string()), "{error}");
+    assert!(
+        error.contains(r#"entities.orders.schedule: "*/5 * *" is not a cron expression"#),
+        "{error}"
+    );
+    assert!(error.contains("expected 5 or 6 fields"), "{error}");
+}
+
+#[test]
+fn a_bad_duration_names_the_field() {
+    let env = Env::new();
+    let config = orders_with(&env, "lookback = \"5m\"", "lookback = \"5 parsecs\"");
+    let error = error_of(&config);
+    assert!(
+        error.contains(r#"entities.orders.lookback: "5 parsecs" is not a duration"#),
+        "{error}"
+    );
+}
+
+#[test]
+fn an_unknown_source_names_it_and_the_configured_ones() {
+    let env = Env::new();
+    let config = orders_with(&env, "source = \"db\"", "source = \"warehouse\"");
+    let error = error_of(&config);
+    assert!(
+        error.contains(r#"entities.orders.source: no source named "warehouse" (configured: db)"#),
+        "{error}"
+    );
+}
+
+#[test]
+fn query_and_query_file_together_are_refused() {
+    let env = Env::new();
+    env.file("queries/orders.sql", "SELECT 1");
+    let config = orders_with(
+        &env,
+        "key = \"id\"",
+        "query_file = \"queries/orders.sql\"\nkey = \"id\"",
+    );
+    let error = error_of(&config);
+    assert!(
+        error.contains("entities.orders: set either query or query_file, not both"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_missing_query_file_is_named_with_its_path() {
+    let env = Env::new();
+    let query = "query = \"SELECT id, updated_at FROM orders WHERE updated_at >= :since\"";
+    let config = orders_with(&env, query, "query_file = \"queries/nope.sql\"");
+    let error = error_of(&config);
+    let path = env.dir.path().join("queries/nope.sql");
+    assert!(
+        error.contains(&format!(
+            "entities.orders.query_file: cannot read {}",
+            path.display()
+        )),
+        "{error}"
+    );
+}
+
+#[test]
+fn an_entity_without_schedule_or_every_is_refused() {
+    let env = Env::new();
+    let config = orders_with(&env, "every = \"10s\"", "");
+    let error = error_of(&config);
+    assert!(
+        error.contains("entities.orders: missing schedule (cron) or every (interval)"),
+        "{error}"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let env = Env::new();
+    let body = ORDERS
+        .replacen("every = \"10s\"", "schedule = \"*/5 * *\"", 1)
+        .replacen("source = \"db\"", "source = \"warehouse\"", 1);
+    let config = env.config(&body);
+    let stderr = once_err(&config);
+    assert!(stderr.contains("entities.orders.schedule"), "{stderr}");
+    assert!(stderr.contains("entities.orders.source"), "{stderr}");
+}
+
+#[test]
+fn an_unknown_entity_on_the_command_line_names_the_configured_ones() {
+    let env = Env::new();
+    let customers = ORDERS
+        .split("[entities.orders]")
+        .nth(1)
+        .unwrap()
+        .replace("FROM orders", "FROM customers");
+    let config = env.config(&format!("{ORDERS}\n[entities.customers]{customers}"));
+    let out = highwater(&[
+        "once",
+        "--config",
+        config.to_str().unwrap(),
+        "--entity",
+        "nope",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(r#"no entity named "nope" (configured: customers, orders)"#),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_missing_config_file_is_named() {
+    let env = Env::new();
+    let path = env.dir.path().join("nowhere.toml");
+    let error = error_of(&path);
+    assert!(
+        error.contains(&format!("cannot read config file {}", path.display())),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn environment_variables_are_interpolated() {
+    let env = Env::new();
+    let name = unique("cfg_env");
+    let db = env.dir.path().join("app.db");
+    let pool = sqlite(&db).await;
+    sqlite_exec(
+        &pool,
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, updated_at TEXT NOT NULL DEFAULT (datetime('now')));
+         INSERT INTO t (id) VALUES (7)",
+    )
+    .await;
+    let config = env.config(&format!(
+        r#"
+[sources.db]
+url = "sqlite://${{HW_TEST_DB}}"
+
+[entities.{name}]
+source = "db"
+query = "SELECT id, updated_at FROM t WHERE updated_at >= :since"
+key = "id"
+cursor = "updated_at"
+lookback = "5m"
+every = "10s"
+"#
+    ));
+    let out = run_with_env(
+        &["once", "--config", config.to_str().unwrap()],
+        "HW_TEST_DB",
+        db.to_str().unwrap(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let messages = read_stream(&name).await;
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].pkey, "7");
+}
+
+/// Runs a config holding the secret `s3cretpw` and checks the run failed
+/// with an error that does not show it.
+fn assert_fails_without_secret(config: &Path, secret_var: Option<&str>) -> String {
+    let args = ["once", "--config", config.to_str().unwrap()];
+    let out = match secret_var {
+        Some(var) => run_with_env(&args, var, "s3cretpw"),
+        None => highwater(&args),
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "should have failed: {stderr}");
+    assert!(stderr.contains("error: "), "{stderr}");
+    assert!(
+        !stderr.contains("s3cretpw"),
+        "the password leaked:\n{stderr}"
+    );
+    stderr
+}
+
+#[test]
+fn a_database_password_never_reaches_stderr() {
+    let env = Env::new();
+    let config = orders_with(
+        &env,
+        "url = \"sqlite://app.db\"",
+        "url = \"postgres://postgres:s3cretpw@127.0.0.1:1/test\"\ntimeout = \"2s\"",
+    );
+    let stderr = assert_fails_without_secret(&config, None);
+    assert!(stderr.contains("source db"), "{stderr}");
+}
+
+#[test]
+fn a_redis_password_never_reaches_stderr() {
+    let env = Env::new();
+    let config = env.file(
+        "highwater.toml",
+        &format!("[redis]\nurl = \"redis://:s3cretpw@127.0.0.1:1/0\"\ntimeout = \"2s\"\n{ORDERS}"),
+    );
+    let stderr = assert_fails_without_secret(&config, None);
+    assert!(stderr.contains("redis"), "{stderr}");
+}
+
+#[test]
+fn a_password_in_a_url_with_an_unknown_scheme_never_reaches_stderr() {
+    let env = Env::new();
+    let config = orders_with(
+        &env,
+        "url = \"sqlite://app.db\"",
+        "url = \"oracle://scott:s3cretpw@db/orcl\"",
+    );
+    let stderr = assert_fails_without_secret(&config, None);
+    assert!(stderr.contains("sources.db.url"), "{stderr}");
+}
+
+#[test]
+fn an_interpolated_password_on_a_line_that_does_not_parse_never_reaches_stderr() {
+    let env = Env::new();
+    let config = orders_with(
+        &env,
+        "url = \"sqlite://app.db\"",
+        "url = \"postgres://app:${HW_TEST_PW}@db/shop\" max_connections = 2",
+    );
+    let stderr = assert_fails_without_secret(&config, Some("HW_TEST_PW"));
+    let line = line_of(&config, "HW_TEST_PW");
+    assert!(stderr.contains(&format!("line {line}")), "{stderr}");
+}
