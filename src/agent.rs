@@ -29,6 +29,12 @@ pub enum AgentError {
     Cycle(#[from] CycleError),
     #[error("{0}")]
     Usage(String),
+    #[error("http.listen: cannot listen on {addr}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        error: std::io::Error,
+    },
 }
 
 /// The first retry waits this long; each failure doubles it up to [`MAX_BACKOFF`].
@@ -83,6 +89,46 @@ pub async fn once(
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     let (stop_tx, stop) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
+
+    let metrics = crate::metrics::global();
+    for entity in config.entities.values() {
+        metrics.register_entity(&entity.name, entity.cursor_kind);
+    }
+    for (name, settings) in &config.sources {
+        metrics.register_source(name);
+        tracing::info!(source = %name, url = %crate::config::mask_url(&settings.url), "source");
+    }
+    // Listening first: a configured port that is taken fails the start, and
+    // /healthz answers (unhealthy) while Redis or a database is unreachable.
+    let listener = match config.http.listen {
+        Some(addr) => match crate::http::bind(addr).await {
+            Ok(listener) => Some(listener),
+            Err(error) if config.http.listen_configured => {
+                return Err(AgentError::Listen { addr, error })
+            }
+            Err(error) => {
+                tracing::error!(address = %addr, error = %error, "cannot serve /metrics and /healthz on the default address; polling without them (set [http] listen)");
+                None
+            }
+        },
+        None => None,
+    };
+    let http = match listener {
+        Some(listener) => {
+            let address = listener
+                .local_addr()
+                .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+            tracing::info!(address = %address, "serving /metrics and /healthz");
+            let health = Arc::new(crate::http::Health::new(&config, std::time::Instant::now()));
+            Some(tokio::spawn(crate::http::serve(
+                listener,
+                health,
+                metrics,
+                stop.clone(),
+            )))
+        }
+        None => None,
+    };
 
     let sink = tokio::select! {
         sink = connect_with_retry(&config, stop.clone()) => match sink {
@@ -139,6 +185,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     };
     let _ = stop_tx.send(true);
+    if let Some(http) = http {
+        let _ = http.await;
+    }
     for task in tasks {
         if let Err(e) = task.await {
             tracing::error!(error = %e, "an entity task panicked");
@@ -198,6 +247,7 @@ async fn connect_with_retry(config: &Config, mut stop: watch::Receiver<bool>) ->
             Ok(sink) => return Some(sink),
             Err(e) => {
                 failures += 1;
+                crate::metrics::global().record_redis_connection_error();
                 let wait = backoff(failures);
                 tracing::error!(error = %error_chain(&e), retry_in = ?wait, "redis unreachable");
                 tokio::select! {
@@ -256,6 +306,10 @@ impl EntityTask {
                 Ok(report) => {
                     failures = 0;
                     log_cycle(&report);
+                    crate::metrics::global().record_cycle(&report);
+                    crate::metrics::global()
+                        .observe_sizes(&self.sink, self.settings())
+                        .await;
                     if report.interrupted {
                         return;
                     }
@@ -268,13 +322,13 @@ impl EntityTask {
                     }
                 }
                 Err(CycleError::StateLost { entity, evidence }) => {
-                    let _ = self
-                        .fatal
-                        .send(CycleError::StateLost { entity, evidence }.into())
-                        .await;
+                    let error = CycleError::StateLost { entity, evidence };
+                    self.record_failure(&error).await;
+                    let _ = self.fatal.send(error.into()).await;
                     return;
                 }
                 Err(e) => {
+                    self.record_failure(&e).await;
                     failures += 1;
                     // Re-check the query next time: the table may have changed.
                     self.prepared = None;
@@ -289,6 +343,18 @@ impl EntityTask {
                 }
             }
         }
+    }
+
+    /// Counts the failure and leaves it in Redis for `status`.
+    async fn record_failure(&self, error: &CycleError) {
+        crate::metrics::global().record_failure(&self.entity, error);
+        crate::status::record_failure(
+            &self.sink,
+            &self.config.redis.key_prefix,
+            self.settings(),
+            error,
+        )
+        .await;
     }
 
     async fn cycle(&mut self) -> Result<CycleReport, CycleError> {

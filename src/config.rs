@@ -26,6 +26,11 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default share of Redis `maxmemory` above which polling pauses.
 pub const DEFAULT_PAUSE_AT_MEMORY: f64 = 0.9;
+/// Default address of `run`'s `/metrics` and `/healthz` endpoint.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9187";
+/// Default number of intervals without a completed cycle after which
+/// `/healthz` reports an entity unhealthy.
+pub const DEFAULT_UNHEALTHY_AFTER_INTERVALS: u32 = 3;
 
 /// A configuration error: which file, and what is wrong in it.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +73,17 @@ struct RawConfig {
     /// Polling queries, by entity name.
     #[serde(default)]
     entities: BTreeMap<String, RawEntity>,
+    /// The HTTP endpoint of `highwater run` (`/metrics`, `/healthz`).
+    http: Option<RawHttp>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    /// Address `run` serves `/metrics` and `/healthz` on, `ip:port`; `""` turns it off.
+    listen: Option<String>,
+    /// `/healthz` reports an entity unhealthy when it has not completed a cycle within this many of its intervals.
+    unhealthy_after_intervals: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -165,6 +181,20 @@ pub struct Config {
     pub redis: RedisSettings,
     pub sources: BTreeMap<String, SourceSettings>,
     pub entities: BTreeMap<String, EntitySettings>,
+    pub http: HttpSettings,
+}
+
+/// The HTTP endpoint of `run`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpSettings {
+    /// Where to listen; `None` when turned off (`listen = ""`).
+    pub listen: Option<std::net::SocketAddr>,
+    /// `listen` was written in the file (a taken port then stops the start;
+    /// the default address being taken only costs the endpoint).
+    pub listen_configured: bool,
+    /// `/healthz` is unhealthy when an entity has not completed a cycle for
+    /// this many of its intervals.
+    pub unhealthy_after_intervals: u32,
 }
 
 pub struct RedisSettings {
@@ -485,6 +515,8 @@ fn validate(path: &Path, base_dir: &Path, raw: RawConfig) -> Result<Config, Conf
         }
     }
 
+    let http = validate_http(&mut problems, raw.http);
+
     let mut entities = BTreeMap::new();
     for (name, e) in raw.entities {
         if let Some(entity) = validate_entity(&mut problems, base_dir, &sources, &name, e) {
@@ -501,6 +533,7 @@ fn validate(path: &Path, base_dir: &Path, raw: RawConfig) -> Result<Config, Conf
             redis,
             sources,
             entities,
+            http,
         })
     } else {
         Err(ConfigError::Invalid {
@@ -717,6 +750,37 @@ fn validate_entity(
         delete_column: e.delete_column,
         on_state_loss,
     })
+}
+
+fn validate_http(problems: &mut Vec<String>, raw: Option<RawHttp>) -> HttpSettings {
+    let (listen, intervals) = match raw {
+        Some(h) => (h.listen, h.unhealthy_after_intervals),
+        None => (None, None),
+    };
+    let listen_configured = listen.is_some();
+    let listen = listen.unwrap_or_else(|| DEFAULT_HTTP_LISTEN.to_owned());
+    let listen = if listen.is_empty() {
+        None
+    } else {
+        match listen.parse::<std::net::SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                problems.push(format!(
+                    "http.listen: {listen:?} is not an address (write \"ip:port\", e.g. \"127.0.0.1:9187\", or \"\" to turn it off)"
+                ));
+                None
+            }
+        }
+    };
+    let unhealthy_after_intervals = intervals.unwrap_or(DEFAULT_UNHEALTHY_AFTER_INTERVALS);
+    if unhealthy_after_intervals == 0 {
+        problems.push("http.unhealthy_after_intervals: must be at least 1".to_owned());
+    }
+    HttpSettings {
+        listen,
+        listen_configured,
+        unhealthy_after_intervals,
+    }
 }
 
 fn duration_or(

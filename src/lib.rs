@@ -6,17 +6,27 @@
 pub mod agent;
 /// Row → change: key, cursor epoch, digest, JSON payload.
 pub mod change;
+/// `highwater check`: every configuration problem at once, against the real servers.
+pub mod check;
 /// The TOML configuration, parsed and validated with named errors.
 pub mod config;
 /// Crash points for fault-injection tests (`HIGHWATER_CRASH_AT`).
 pub mod fault;
+/// `run`'s HTTP endpoint: `/metrics` and `/healthz`.
+pub mod http;
+/// Metric names (`highwater_*`), the registry and its Prometheus text.
+pub mod metrics;
 /// One cycle of one entity: window, chunks, commit.
 pub mod poller;
+/// Progress of long cycles: a live line on a terminal, log lines otherwise.
+pub mod progress;
 /// Cron and interval schedules.
 pub mod schedule;
 /// Redis: the dedup and commit scripts, the stream, the state keys.
 pub mod sink;
 /// The databases: PostgreSQL, MySQL/MariaDB, SQLite.
 pub mod source;
+/// `status` and `wait`: what the agent left in Redis.
+pub mod status;
 /// Logging setup.
 pub mod telemetry;

@@ -42,6 +42,28 @@ enum Command {
     },
     /// Poll on the schedules until SIGINT or SIGTERM.
     Run,
+    /// Check the configuration against the real servers: every problem at
+    /// once, one line each; exit 1 if any is an error.
+    Check,
+    /// Per entity, from Redis: watermark, lag, the last cycle, dedup set, stream.
+    Status {
+        /// Only this entity.
+        #[arg(long)]
+        entity: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until every entity completed a cycle that started after this
+    /// command did (for deploy scripts and tests); exit 1 on timeout.
+    Wait {
+        /// Only this entity.
+        #[arg(long)]
+        entity: Option<String>,
+        /// Give up after this long (e.g. 30s); default: wait until interrupted.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -63,8 +85,13 @@ async fn async_main(cli: Cli) -> ExitCode {
     let default_level = match cli.command {
         Command::Once { .. } => "warn",
         Command::Run => "info",
+        Command::Check | Command::Status { .. } | Command::Wait { .. } => "warn",
     };
     init_logging(cli.log_format, default_level);
+    if let Command::Check = cli.command {
+        // `check` reports a broken config itself, one problem per line.
+        return check(&cli.config).await;
+    }
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(e) => return fail(&e),
@@ -75,8 +102,49 @@ async fn async_main(cli: Cli) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         },
+        Command::Status { entity, json } => status(&config, entity.as_deref(), json).await,
+        Command::Wait { entity, timeout } => {
+            let waited = highwater::status::wait(&config, entity.as_deref(), timeout, |line| {
+                println!("{line}")
+            });
+            tokio::select! {
+                result = waited => match result {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => fail(&e),
+                },
+                () = shutdown_signal() => ExitCode::FAILURE,
+            }
+        }
+        Command::Check => unreachable!("dispatched before a config is loaded"),
     }
 }
+
+async fn check(path: &std::path::Path) -> ExitCode {
+    let report = highwater::check::check(path).await;
+    for finding in &report.findings {
+        println!("{finding}");
+    }
+    println!("{}", report.summary());
+    if report.failed() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+async fn status(config: &Config, entity: Option<&str>, json: bool) -> ExitCode {
+    let statuses = match highwater::status::status(config, entity).await {
+        Ok(statuses) => statuses,
+        Err(e) => return fail(&e),
+    };
+    if json {
+        println!("{}", highwater::status::render_json(&statuses));
+    } else {
+        print!("{}", highwater::status::render_text(&statuses));
+    }
+    ExitCode::SUCCESS
+}
+
 
 async fn once(config: &Config, entity: Option<&str>) -> ExitCode {
     let results = match agent::once(config, entity).await {

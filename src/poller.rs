@@ -131,6 +131,8 @@ pub struct CycleReport {
     pub watermark: Option<i64>,
     /// Stopped between chunks by a shutdown: the watermark did not move.
     pub interrupted: bool,
+    /// The database's clock at cycle start (time cursors), microseconds.
+    pub db_now: Option<i64>,
 }
 
 /// Runs one cycle. `stop` turning true ends the cycle after the chunk in
@@ -211,6 +213,7 @@ pub async fn run_cycle(
         since,
         watermark,
         interrupted: false,
+        db_now: t0,
     };
     // The agent's memory of confirmed versions is valid only while nobody
     // else wrote this entity's state since this process last did.
@@ -232,6 +235,7 @@ pub async fn run_cycle(
     let mut foreign_writes = false;
     let mut chunks = 0u64;
     let mut current = Vec::with_capacity(entity.chunk_rows);
+    let mut progress = crate::progress::CycleProgress::start(&entity.name);
     let mut ended = window.fill(&mut current).await?;
     // One chunk in flight in Redis while the next one is read and decoded.
     while !current.is_empty() {
@@ -246,6 +250,7 @@ pub async fn run_cycle(
         };
         let (emitted, writes) = applied?;
         report.emitted += emitted;
+        progress.update(window.read, report.emitted);
         // A chunk that emitted created the state hash.
         memory.had_state |= emitted > 0;
         if emitted > 0 {
@@ -298,6 +303,8 @@ pub async fn run_cycle(
             duration_ms: started.elapsed().as_millis() as u64,
             rows: report.rows,
             emitted: report.emitted,
+            skipped: report.skipped,
+            db_now: t0,
         };
         report.watermark = sink.commit(entity, &keys, candidate, &figures).await?;
         memory.had_state = true;

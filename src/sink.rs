@@ -146,6 +146,11 @@ pub struct CycleFigures {
     pub duration_ms: u64,
     pub rows: u64,
     pub emitted: u64,
+    /// Rows whose version was already on the stream (`last_skipped`).
+    pub skipped: u64,
+    /// The database's clock at cycle start, time cursors (`last_db_now`):
+    /// with `last_started_at_ms` it gives `status` the clock difference.
+    pub db_now: Option<i64>,
 }
 
 /// The connection to Redis and the two scripts.
@@ -370,7 +375,12 @@ impl Sink {
                     .arg("last_rows")
                     .arg(figures.rows)
                     .arg("last_emitted")
-                    .arg(figures.emitted);
+                    .arg(figures.emitted)
+                    .arg("last_skipped")
+                    .arg(figures.skipped);
+                if let Some(db_now) = figures.db_now {
+                    invocation.arg("last_db_now").arg(db_now);
+                }
             }
             let (watermark, trimmed): (Option<String>, usize) = invocation
                 .invoke_async(&mut conn)

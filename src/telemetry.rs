@@ -1,6 +1,8 @@
 //! Logging: `tracing` to stderr, as text or JSON lines, filtered by
 //! `HIGHWATER_LOG` (e.g. `info`, `highwater=debug`).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// How log lines are written.
@@ -17,8 +19,11 @@ pub fn init_logging(format: LogFormat, default_level: &str) {
         EnvFilter::try_from_env("HIGHWATER_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false);
+        // Through the progress lines, so a log line never garbles a live one.
+        .with_writer(crate::progress::log_writer)
+        .with_target(false)
+        // Colours on a terminal only: not into journald or a log file.
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -1,0 +1,773 @@
+//! `highwater check`: every problem of a configuration at once, one line
+//! each, against the real servers. Errors stop the agent from working
+//! (unparsable config, unreachable server, a query that cannot work);
+//! warnings are risks (an evicting Redis, a full table scan per cycle, a write
+//! transaction longer than the look-back, clock skew).
+//!
+//! Nothing is written anywhere: the checks read server state, prepare the
+//! queries and `EXPLAIN` them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+
+use crate::agent::error_chain;
+use crate::config::{mask_url, Config, ConfigError, CursorKind, EntitySettings};
+use crate::sink::{EntityKeys, Sink};
+use crate::source::placeholder::rewrite_since;
+use crate::source::{Pool, Prepared, SinceBinding, Source};
+
+/// A clock difference above this between this machine and a database is a warning.
+const CLOCK_SKEW_WARNING: Duration = Duration::from_secs(1);
+/// The oldest Redis highwater supports.
+const MIN_REDIS: (u32, u32) = (6, 2);
+
+/// How bad a finding is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Ok,
+    /// Not checked because something it depends on failed.
+    Skipped,
+    Warning,
+    Error,
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Level::Ok => "ok",
+            Level::Skipped => "skipped",
+            Level::Warning => "warning",
+            Level::Error => "error",
+        })
+    }
+}
+
+/// One line of the report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    pub level: Level,
+    pub text: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.level, self.text)
+    }
+}
+
+/// The findings in report order: config, Redis, each source, each entity.
+#[derive(Default)]
+pub struct Report {
+    pub findings: Vec<Finding>,
+}
+
+impl Report {
+    fn push(&mut self, level: Level, text: impl Into<String>) {
+        self.findings.push(Finding {
+            level,
+            text: text.into(),
+        });
+    }
+
+    pub fn count(&self, level: Level) -> usize {
+        self.findings.iter().filter(|f| f.level == level).count()
+    }
+
+    /// Any finding is an error.
+    pub fn failed(&self) -> bool {
+        self.count(Level::Error) > 0
+    }
+
+    /// `N ok, N warnings, N errors[, N skipped]`.
+    pub fn summary(&self) -> String {
+        let plural = |n: usize, word: &str| {
+            if n == 1 {
+                format!("{n} {word}")
+            } else {
+                format!("{n} {word}s")
+            }
+        };
+        let mut text = format!(
+            "{} ok, {}, {}",
+            self.count(Level::Ok),
+            plural(self.count(Level::Warning), "warning"),
+            plural(self.count(Level::Error), "error")
+        );
+        let skipped = self.count(Level::Skipped);
+        if skipped > 0 {
+            text.push_str(&format!(", {skipped} skipped"));
+        }
+        text
+    }
+}
+
+/// Loads the configuration at `path` and checks everything it names.
+pub async fn check(path: &Path) -> Report {
+    let mut report = Report::default();
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(ConfigError::Invalid { path, problems }) => {
+            for problem in problems {
+                report.push(Level::Error, format!("{}: {problem}", path.display()));
+            }
+            return report;
+        }
+        Err(e) => {
+            report.push(Level::Error, error_chain(&e));
+            return report;
+        }
+    };
+    report.push(
+        Level::Ok,
+        format!(
+            "config {}: {} source(s), {} entit{}",
+            path.display(),
+            config.sources.len(),
+            config.entities.len(),
+            if config.entities.len() == 1 {
+                "y"
+            } else {
+                "ies"
+            }
+        ),
+    );
+
+    let (redis, sources) = tokio::join!(
+        check_redis(&config),
+        futures_util::future::join_all(
+            config
+                .sources
+                .keys()
+                .map(|name| check_source(&config, name))
+        )
+    );
+    let (redis_findings, redis_cluster) = redis;
+    report.findings.extend(redis_findings);
+    for findings in sources {
+        report.findings.extend(findings);
+    }
+    for entity in config.entities.values() {
+        for (level, text) in slot_findings(&config, entity, redis_cluster) {
+            report.push(level, text);
+        }
+    }
+    report
+}
+
+/// Redis: reachable, version, eviction policy, persistence. Returns whether
+/// it is a cluster (`None`: unknown).
+async fn check_redis(config: &Config) -> (Vec<Finding>, Option<bool>) {
+    let mut report = Report::default();
+    let url = mask_url(&config.redis.url);
+    let sink = match Sink::connect(&config.redis).await {
+        Ok(sink) => sink,
+        Err(e) => {
+            report.push(Level::Error, error_chain(&e));
+            return (report.findings, None);
+        }
+    };
+    let mut conn = sink.connection();
+    let info: redis::RedisResult<String> = redis::cmd("INFO")
+        .arg("server")
+        .arg("memory")
+        .arg("persistence")
+        .arg("cluster")
+        .query_async(&mut conn)
+        .await;
+    let info = match info {
+        Ok(info) => info,
+        Err(e) => {
+            report.push(Level::Error, format!("redis ({url}): INFO failed: {e}"));
+            return (report.findings, None);
+        }
+    };
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(|v| v.trim().to_owned())
+    };
+    let version = field("redis_version").unwrap_or_default();
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if (major, minor) >= MIN_REDIS {
+        report.push(
+            Level::Ok,
+            format!("redis ({url}): connected, Redis {version}"),
+        );
+    } else {
+        report.push(
+            Level::Error,
+            format!(
+                "redis ({url}): Redis {version} is too old: highwater needs {}.{} or later",
+                MIN_REDIS.0, MIN_REDIS.1
+            ),
+        );
+    }
+
+    let policy = field("maxmemory_policy").unwrap_or_else(|| "unknown".to_owned());
+    if policy.starts_with("allkeys-") {
+        report.push(
+            Level::Warning,
+            format!(
+                "redis: maxmemory-policy is {policy}: under memory pressure Redis evicts any key, and an evicted dedup set or watermark makes highwater emit rows again (duplicates); use noeviction"
+            ),
+        );
+    } else {
+        report.push(
+            Level::Ok,
+            format!("redis: maxmemory-policy {policy} (never evicts highwater's keys, which have no TTL)"),
+        );
+    }
+
+    let aof = field("aof_enabled").as_deref() == Some("1");
+    let save: Option<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("save")
+        .query_async::<Vec<String>>(&mut conn)
+        .await
+        .ok()
+        .and_then(|pair| pair.into_iter().nth(1));
+    match (aof, save.as_deref()) {
+        (true, _) => report.push(Level::Ok, "redis: persistence: append-only file"),
+        (false, Some("")) => report.push(
+            Level::Warning,
+            "redis: no persistence (appendonly no, save \"\"): a restart loses the watermarks and dedup sets; highwater then stops (on_state_loss = \"fail\") or re-sends everything (\"resnapshot\")",
+        ),
+        (false, Some(points)) => report.push(
+            Level::Ok,
+            format!("redis: persistence: RDB snapshots (save {points}); a crash loses the writes since the last snapshot, which highwater detects"),
+        ),
+        (false, None) => report.push(
+            Level::Ok,
+            "redis: persistence: AOF off, RDB save points unknown (CONFIG GET not allowed)",
+        ),
+    }
+    let cluster = field("cluster_enabled").map(|v| v == "1");
+
+    // The stream key of each entity must be a stream (or not exist yet).
+    for entity in config.entities.values() {
+        let keys = sink.keys(entity);
+        let kind: redis::RedisResult<String> = redis::cmd("TYPE")
+            .arg(&keys.stream)
+            .query_async(&mut conn)
+            .await;
+        match kind {
+            Ok(kind) if kind == "stream" || kind == "none" => {}
+            Ok(kind) => report.push(
+                Level::Error,
+                format!(
+                    "entity {}: redis key {} is a {kind}, not a stream: choose another stream name",
+                    entity.name, keys.stream
+                ),
+            ),
+            Err(e) => report.push(
+                Level::Warning,
+                format!(
+                    "entity {}: cannot read the type of key {}: {e}",
+                    entity.name, keys.stream
+                ),
+            ),
+        }
+    }
+    (report.findings, cluster)
+}
+
+/// A source: connects, its version, its clock, open write transactions, then
+/// each entity polling it.
+async fn check_source(config: &Config, name: &str) -> Vec<Finding> {
+    let mut report = Report::default();
+    let settings = &config.sources[name];
+    let entities: Vec<&EntitySettings> = config
+        .entities
+        .values()
+        .filter(|e| e.source == name)
+        .collect();
+    let source = match Source::new(settings) {
+        Ok(source) => source,
+        Err(e) => {
+            report.push(Level::Error, error_chain(&e));
+            return report.findings;
+        }
+    };
+    let url = source.masked_url().to_owned();
+    match source.server_version().await {
+        Ok(version) => {
+            // PostgreSQL's version() goes on about the compiler.
+            let version = version.split(" on ").next().unwrap_or(&version).to_owned();
+            let version = if version.starts_with(&settings.backend.to_string())
+                || version.starts_with("PostgreSQL")
+                || version.starts_with("SQLite")
+            {
+                version
+            } else {
+                format!("{} {version}", settings.backend)
+            };
+            report.push(
+                Level::Ok,
+                format!("source {name} ({url}): connected, {version}"),
+            );
+        }
+        Err(e) => {
+            report.push(Level::Error, error_chain(&e));
+            for entity in entities {
+                report.push(
+                    Level::Skipped,
+                    format!(
+                        "entity {}: query not checked: source {name} is unreachable",
+                        entity.name
+                    ),
+                );
+            }
+            source.close().await;
+            return report.findings;
+        }
+    }
+
+    // The clock: the database's now() against the middle of the round trip.
+    let before = Utc::now();
+    let db_now = source.now().await;
+    let after = Utc::now();
+    let db_now = match db_now {
+        Ok(db_now) => {
+            let middle =
+                before.timestamp_micros() + (after - before).num_microseconds().unwrap_or(0) / 2;
+            let skew_us = db_now - middle;
+            let skew = Duration::from_micros(skew_us.unsigned_abs());
+            let direction = if skew_us >= 0 { "ahead of" } else { "behind" };
+            let text = format!(
+                "source {name}: clock {:.3}s {direction} this machine's",
+                skew.as_secs_f64()
+            );
+            if skew > CLOCK_SKEW_WARNING {
+                report.push(
+                    Level::Warning,
+                    format!("{text}: `status` lag figures are off by as much, and writers that stamp rows with their own clock need a lookback that covers their difference"),
+                );
+            } else {
+                report.push(Level::Ok, text);
+            }
+            db_now
+        }
+        Err(e) => {
+            report.push(Level::Error, error_chain(&e));
+            Utc::now().timestamp_micros()
+        }
+    };
+
+    // The longest open write transaction against each entity's look-back.
+    let transaction = longest_write_transaction(&source).await;
+    match &transaction {
+        Ok(None) => report.push(
+            Level::Ok,
+            format!("source {name}: no write transaction open right now"),
+        ),
+        Ok(Some(t)) => report.push(
+            Level::Ok,
+            format!(
+                "source {name}: longest open write transaction: {:.3}s ({})",
+                t.age.as_secs_f64(),
+                t.who
+            ),
+        ),
+        Err(why) => report.push(
+            Level::Warning,
+            format!("source {name}: cannot measure open write transactions: {why}"),
+        ),
+    }
+
+    for entity in entities {
+        check_entity(
+            &mut report,
+            &source,
+            entity,
+            db_now,
+            transaction.as_ref().ok().and_then(Option::as_ref),
+        )
+        .await;
+    }
+    source.close().await;
+    report.findings
+}
+
+/// The oldest open transaction that writes.
+struct OpenTransaction {
+    age: Duration,
+    /// `pid 1234` / `thread 56`.
+    who: String,
+}
+
+async fn longest_write_transaction(source: &Source) -> Result<Option<OpenTransaction>, String> {
+    let work = async {
+        match source.pool() {
+            Pool::Postgres(pool) => {
+                // A transaction that wrote has an xid; now() inside it is its
+                // start, which is what its rows' cursors carry.
+                let row: Option<(i32, f64)> = sqlx::query_as(
+                    "SELECT pid, EXTRACT(EPOCH FROM (clock_timestamp() - xact_start))::float8
+                     FROM pg_stat_activity
+                     WHERE backend_xid IS NOT NULL AND xact_start IS NOT NULL
+                       AND pid <> pg_backend_pid() AND datname = current_database()
+                     ORDER BY xact_start LIMIT 1",
+                )
+                .fetch_optional(pool)
+                .await
+                .map_err(|e| e.to_string())?;
+                Ok(row.map(|(pid, seconds)| OpenTransaction {
+                    age: Duration::from_secs_f64(seconds.max(0.0)),
+                    who: format!("pid {pid}"),
+                }))
+            }
+            Pool::MySql(pool) => {
+                let row: Option<(u64, i64)> = sqlx::query_as(
+                    "SELECT trx_mysql_thread_id, TIMESTAMPDIFF(MICROSECOND, trx_started, NOW(6))
+                     FROM information_schema.innodb_trx
+                     WHERE trx_rows_modified > 0
+                     ORDER BY trx_started LIMIT 1",
+                )
+                .fetch_optional(pool)
+                .await
+                .map_err(|e| e.to_string())?;
+                Ok(row.map(|(thread, micros)| OpenTransaction {
+                    age: Duration::from_micros(micros.max(0).unsigned_abs()),
+                    who: format!("thread {thread}"),
+                }))
+            }
+            Pool::Sqlite(_) => Ok(None),
+        }
+    };
+    match tokio::time::timeout(source.timeout(), work).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "no answer within {}",
+            humantime::format_duration(source.timeout())
+        )),
+    }
+}
+
+/// An entity: its query prepares with key and cursor, its window query uses
+/// an index, its look-back covers the open transactions.
+async fn check_entity(
+    report: &mut Report,
+    source: &Source,
+    entity: &EntitySettings,
+    db_now: i64,
+    transaction: Option<&OpenTransaction>,
+) {
+    let name = &entity.name;
+    let prepared = match source.prepare(entity).await {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            report.push(Level::Error, error_chain(&e));
+            return;
+        }
+    };
+    let type_of = |column: &str| {
+        prepared
+            .shape
+            .columns
+            .iter()
+            .position(|c| c == column)
+            .and_then(|i| prepared.column_types.get(i))
+            .map_or_else(|| "?".to_owned(), |t| t.to_lowercase())
+    };
+    let keys = entity
+        .key
+        .iter()
+        .map(|k| format!("{k} ({})", type_of(k)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    report.push(
+        Level::Ok,
+        format!(
+            "entity {name}: query prepares on source {}: key {keys}, cursor {} ({})",
+            entity.source,
+            entity.cursor,
+            type_of(&entity.cursor)
+        ),
+    );
+
+    match full_scans(source, entity, &prepared, db_now).await {
+        Ok(tables) if tables.is_empty() => report.push(
+            Level::Ok,
+            format!("entity {name}: the window query uses an index (EXPLAIN shows no full table scan)"),
+        ),
+        Ok(tables) => report.push(
+            Level::Warning,
+            format!(
+                "entity {name}: the window query reads table {} in full every cycle (EXPLAIN shows a full scan): index its cursor column {}",
+                tables.join(", "),
+                entity.cursor
+            ),
+        ),
+        Err(why) => report.push(
+            Level::Warning,
+            format!("entity {name}: cannot EXPLAIN the window query: {why}"),
+        ),
+    }
+
+    if entity.cursor_kind == CursorKind::Time {
+        let lookback = Duration::from_micros(entity.lookback.unsigned_abs());
+        if let Some(t) = transaction {
+            if t.age > lookback {
+                report.push(
+                    Level::Warning,
+                    format!(
+                        "entity {name}: a write transaction has been open on source {} for {:.3}s ({}), longer than lookback {}: rows it writes are missed if it commits after the window moved past them",
+                        entity.source,
+                        t.age.as_secs_f64(),
+                        t.who,
+                        humantime::format_duration(lookback)
+                    ),
+                );
+            } else {
+                report.push(
+                    Level::Ok,
+                    format!(
+                        "entity {name}: lookback {} covers the longest open write transaction ({:.3}s)",
+                        humantime::format_duration(lookback),
+                        t.age.as_secs_f64()
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// Tables the window query reads in full, per the database's own plan for
+/// a window starting `lookback` before now.
+async fn full_scans(
+    source: &Source,
+    entity: &EntitySettings,
+    prepared: &Prepared,
+    db_now: i64,
+) -> Result<Vec<String>, String> {
+    let since = match entity.cursor_kind {
+        CursorKind::Time => db_now.saturating_sub(entity.lookback),
+        CursorKind::Version => 0,
+    };
+    let literal = since_literal(prepared.since, since);
+    let sql = entity.query.trim().trim_end_matches(';').trim_end();
+    let sql = rewrite_since(sql, source.backend, &literal).sql;
+    let work = async {
+        match source.pool() {
+            Pool::Postgres(pool) => {
+                // With sequential scans priced out, the planner still picks
+                // one only where no index can serve: the plan then shows
+                // what an index is missing for, not what is cheapest on a
+                // small table.
+                let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
+                sqlx::query("SET LOCAL enable_seqscan = off")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let plan: serde_json::Value =
+                    sqlx::query_scalar(&format!("EXPLAIN (FORMAT JSON) {sql}"))
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                let _ = tx.rollback().await;
+                let mut tables = Vec::new();
+                pg_seq_scans(&plan, &mut tables);
+                Ok(tables)
+            }
+            Pool::MySql(pool) => {
+                let rows = sqlx::query(&format!("EXPLAIN {sql}"))
+                    .fetch_all(pool)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut tables = Vec::new();
+                for row in rows {
+                    let text = |column: &str| -> Option<String> {
+                        row.try_get::<Option<String>, _>(column)
+                            .ok()
+                            .flatten()
+                            .or_else(|| {
+                                row.try_get::<Option<Vec<u8>>, _>(column)
+                                    .ok()
+                                    .flatten()
+                                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                            })
+                    };
+                    let table = text("table").unwrap_or_default();
+                    let access = text("type").unwrap_or_default();
+                    // ALL is a table scan, index a scan of a whole index. With
+                    // possible keys the optimizer merely preferred a scan
+                    // (a small table); without, no index can serve.
+                    if (access == "ALL" || access == "index")
+                        && text("possible_keys").is_none()
+                        && !table.starts_with('<')
+                        && !tables.contains(&table)
+                    {
+                        tables.push(table);
+                    }
+                }
+                Ok(tables)
+            }
+            Pool::Sqlite(pool) => {
+                let rows = sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
+                    .fetch_all(pool)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut tables = Vec::new();
+                for row in rows {
+                    let detail: String = row.try_get("detail").map_err(|e| e.to_string())?;
+                    if let Some(rest) = detail.strip_prefix("SCAN ") {
+                        let table = rest.split(' ').next().unwrap_or(rest).to_owned();
+                        if !rest.contains("USING")
+                            && !rest.starts_with("CONSTANT")
+                            && !table.starts_with('(')
+                        {
+                            tables.push(table);
+                        }
+                    }
+                }
+                Ok(tables)
+            }
+        }
+    };
+    match tokio::time::timeout(source.timeout(), work).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "no answer within {}",
+            humantime::format_duration(source.timeout())
+        )),
+    }
+}
+
+/// `:since` as an SQL literal the database types from its context.
+fn since_literal(binding: SinceBinding, since: i64) -> String {
+    let time = DateTime::<Utc>::from_timestamp_micros(since).unwrap_or(DateTime::<Utc>::MIN_UTC);
+    match binding {
+        SinceBinding::Integer => since.to_string(),
+        SinceBinding::UnixSeconds => since.div_euclid(1_000_000).to_string(),
+        SinceBinding::Date => format!("'{}'", time.format("%Y-%m-%d")),
+        SinceBinding::Utc | SinceBinding::Naive | SinceBinding::Text | SinceBinding::SqliteText => {
+            format!("'{}'", time.format("%Y-%m-%d %H:%M:%S"))
+        }
+    }
+}
+
+/// Relations under `Seq Scan` nodes of a PostgreSQL JSON plan.
+fn pg_seq_scans(plan: &serde_json::Value, tables: &mut Vec<String>) {
+    match plan {
+        serde_json::Value::Array(items) => items.iter().for_each(|i| pg_seq_scans(i, tables)),
+        serde_json::Value::Object(node) => {
+            if node.get("Node Type").and_then(|t| t.as_str()) == Some("Seq Scan") {
+                if let Some(table) = node.get("Relation Name").and_then(|t| t.as_str()) {
+                    if !tables.iter().any(|t| t == table) {
+                        tables.push(table.to_owned());
+                    }
+                }
+            }
+            node.values().for_each(|v| pg_seq_scans(v, tables));
+        }
+        _ => {}
+    }
+}
+
+/// The entity's keys must hash to one cluster slot (the Lua scripts touch
+/// them together). On a single Redis a mismatch works; on a cluster every
+/// script call fails with CROSSSLOT.
+fn slot_findings(
+    config: &Config,
+    entity: &EntitySettings,
+    cluster: Option<bool>,
+) -> Vec<(Level, String)> {
+    let keys = EntityKeys::new(&config.redis.key_prefix, &entity.name, &entity.stream);
+    let slots: BTreeMap<u16, Vec<&str>> = [&keys.stream, &keys.seen, &keys.digest, &keys.state]
+        .into_iter()
+        .fold(BTreeMap::new(), |mut by_slot, key| {
+            by_slot
+                .entry(key_slot(key))
+                .or_insert_with(Vec::new)
+                .push(key.as_str());
+            by_slot
+        });
+    if slots.len() == 1 {
+        let slot = slots.keys().next().copied().unwrap_or_default();
+        return vec![(
+            Level::Ok,
+            format!(
+                "entity {}: stream and state keys share cluster slot {slot}",
+                entity.name
+            ),
+        )];
+    }
+    let spread = slots
+        .iter()
+        .map(|(slot, keys)| format!("slot {slot}: {}", keys.join(", ")))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let level = if cluster == Some(true) {
+        Level::Error
+    } else {
+        Level::Warning
+    };
+    vec![(
+        level,
+        format!(
+            "entity {}: stream {:?} and its state keys fall in different cluster slots ({spread}): on Redis Cluster every cycle fails with CROSSSLOT; use a stream name without braces, or with one {{tag}}",
+            entity.name, entity.stream
+        ),
+    )]
+}
+
+/// The Redis Cluster slot of a key: CRC16 (XMODEM) of its hash tag, mod 16384.
+pub fn key_slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
+        bytes[open + 1..]
+            .iter()
+            .position(|&b| b == b'}')
+            .filter(|&len| len > 0)
+            .map(|len| &bytes[open + 1..open + 1 + len])
+    });
+    crc16(tagged.unwrap_or(bytes)) % 16384
+}
+
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_slots_match_redis_cluster() {
+        // Values from the Redis Cluster specification and CLUSTER KEYSLOT.
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+        assert_eq!(key_slot("foo"), 12182);
+        assert_eq!(
+            key_slot("{user1000}.following"),
+            key_slot("{user1000}.followers")
+        );
+        assert_eq!(key_slot("foo{}{bar}"), key_slot("foo{}{bar}"));
+        assert_eq!(key_slot("{bar"), crc16(b"{bar") % 16384);
+    }
+
+    #[test]
+    fn since_literals_are_typed_by_context() {
+        let t = 1_700_000_000_123_456;
+        assert_eq!(since_literal(SinceBinding::Utc, t), "'2023-11-14 22:13:20'");
+        assert_eq!(since_literal(SinceBinding::Date, t), "'2023-11-14'");
+        assert_eq!(since_literal(SinceBinding::UnixSeconds, t), "1700000000");
+        assert_eq!(since_literal(SinceBinding::Integer, 42), "42");
+    }
+}

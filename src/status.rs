@@ -1,0 +1,402 @@
+//! What the agent left in Redis, for people and deploy scripts: `status`
+//! (per entity: watermark, lag, the last cycle, dedup set, stream) and
+//! `wait` (until every entity completed a cycle that started after the
+//! command did). Both read Redis alone: they work wherever Redis is reachable.
+//!
+//! The last *successful* cycle's figures are in the state hash (written by
+//! `lua/commit.lua`); the last *failed* cycle is recorded by the agent in a
+//! separate hash, `<prefix>:{<tag>}:failure:<entity>`, so that the state hash
+//! keeps meaning "a cycle committed" (the state-loss detection relies on it).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde::Serialize;
+
+use crate::agent::error_chain;
+use crate::change::format_timestamp;
+use crate::config::{Config, CursorKind, EntitySettings};
+use crate::poller::CycleError;
+use crate::sink::{slot_tag, EntityKeys, Sink, SinkError};
+
+/// Why `status` or `wait` could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("entity {entity}: redis: reading the status failed")]
+    Read {
+        entity: String,
+        #[source]
+        error: redis::RedisError,
+    },
+    #[error("{0}")]
+    Usage(String),
+    #[error("timed out after {} waiting for a cycle of: {}", humantime::format_duration(*.waited), .entities.join(", "))]
+    TimedOut {
+        waited: Duration,
+        entities: Vec<String>,
+    },
+}
+
+/// How long recording a failed cycle may take.
+const RECORD_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The key of the hash recording an entity's last failed cycle.
+pub fn failure_key(prefix: &str, entity: &EntitySettings) -> String {
+    format!(
+        "{prefix}:{{{}}}:failure:{}",
+        slot_tag(&entity.stream),
+        entity.name
+    )
+}
+
+/// Records a failed cycle for `status` (best effort: Redis may be the
+/// reason the cycle failed).
+pub async fn record_failure(
+    sink: &Sink,
+    prefix: &str,
+    entity: &EntitySettings,
+    error: &CycleError,
+) {
+    let mut conn = sink.connection();
+    let key = failure_key(prefix, entity);
+    let mut pipe = redis::pipe();
+    pipe.hset_multiple(
+        &key,
+        &[
+            ("at_ms", Utc::now().timestamp_millis().to_string()),
+            ("error", error_chain(error)),
+            ("transient", u8::from(error.is_transient()).to_string()),
+        ],
+    )
+    .ignore()
+    .hincr(&key, "count", 1)
+    .ignore();
+    let write = pipe.query_async::<()>(&mut conn);
+    // Redis may be why the cycle failed: do not hold up the retry for it.
+    match tokio::time::timeout(RECORD_TIMEOUT, write).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(entity = %entity.name, error = %e, "cannot record the failed cycle")
+        }
+        Err(_) => tracing::debug!(entity = %entity.name, "recording the failed cycle timed out"),
+    }
+}
+
+/// One entity, as `status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EntityStatus {
+    pub entity: String,
+    pub source: String,
+    pub stream: String,
+    /// `time` or `version`.
+    pub cursor: &'static str,
+    /// The watermark as RFC 3339 (time cursors) or the version; `None` before the first commit.
+    pub watermark: Option<String>,
+    /// The watermark as stored: microseconds since 1970 or the version.
+    pub watermark_epoch: Option<i64>,
+    /// The database's clock now (estimated from the last cycle) minus the watermark.
+    pub lag_seconds: Option<f64>,
+    /// `ok` or `failed`: how the most recent cycle ended; `None` when none ran.
+    pub last_outcome: Option<&'static str>,
+    pub last_success: Option<LastSuccess>,
+    pub last_failure: Option<LastFailure>,
+    /// Keys in the dedup set.
+    pub dedup_keys: u64,
+    /// Entries in the stream (all variants).
+    pub stream_length: u64,
+    pub last_entry_id: Option<String>,
+}
+
+/// The last cycle that committed.
+#[derive(Debug, Clone, Serialize)]
+pub struct LastSuccess {
+    pub started_at: String,
+    pub started_at_ms: i64,
+    pub duration_seconds: f64,
+    pub rows: u64,
+    pub emitted: u64,
+    pub skipped: u64,
+}
+
+/// The last cycle that failed.
+#[derive(Debug, Clone, Serialize)]
+pub struct LastFailure {
+    pub at: String,
+    pub at_ms: i64,
+    pub error: String,
+    /// Retried with backoff (true) or needs a fix (false).
+    pub transient: bool,
+    /// Failed cycles recorded so far.
+    pub count: u64,
+}
+
+/// Reads the status of the selected entities.
+pub async fn status(config: &Config, only: Option<&str>) -> Result<Vec<EntityStatus>, StatusError> {
+    let entities = config.select_entities(only).map_err(StatusError::Usage)?;
+    let sink = Sink::connect(&config.redis).await?;
+    let mut out = Vec::new();
+    for entity in entities {
+        out.push(entity_status(config, &sink, entity).await?);
+    }
+    Ok(out)
+}
+
+async fn entity_status(
+    config: &Config,
+    sink: &Sink,
+    entity: &EntitySettings,
+) -> Result<EntityStatus, StatusError> {
+    let keys = sink.keys(entity);
+    let mut conn = sink.connection();
+    type Reply = (
+        HashMap<String, String>,
+        HashMap<String, String>,
+        u64,
+        u64,
+        redis::streams::StreamRangeReply,
+    );
+    let (state, failure, dedup_keys, stream_length, last): Reply = redis::pipe()
+        .hgetall(&keys.state)
+        .hgetall(failure_key(&config.redis.key_prefix, entity))
+        .zcard(&keys.seen)
+        .xlen(&keys.stream)
+        .xrevrange_count(&keys.stream, "+", "-", 1)
+        .query_async(&mut conn)
+        .await
+        .map_err(|error| StatusError::Read {
+            entity: entity.name.clone(),
+            error,
+        })?;
+    let int = |map: &HashMap<String, String>, field: &str| -> Option<i64> {
+        map.get(field).and_then(|v| v.parse().ok())
+    };
+    let watermark_epoch = int(&state, "watermark");
+    let last_success = int(&state, "last_started_at_ms").map(|started_at_ms| LastSuccess {
+        started_at: format_timestamp(started_at_ms.saturating_mul(1000)),
+        started_at_ms,
+        duration_seconds: int(&state, "last_duration_ms").unwrap_or(0) as f64 / 1000.0,
+        rows: int(&state, "last_rows").unwrap_or(0) as u64,
+        emitted: int(&state, "last_emitted").unwrap_or(0) as u64,
+        skipped: int(&state, "last_skipped").map_or_else(
+            || {
+                (int(&state, "last_rows").unwrap_or(0) - int(&state, "last_emitted").unwrap_or(0))
+                    .max(0) as u64
+            },
+            |s| s as u64,
+        ),
+    });
+    let last_failure = int(&failure, "at_ms").map(|at_ms| LastFailure {
+        at: format_timestamp(at_ms.saturating_mul(1000)),
+        at_ms,
+        error: failure.get("error").cloned().unwrap_or_default(),
+        transient: failure.get("transient").map(String::as_str) == Some("1"),
+        count: int(&failure, "count").unwrap_or(0) as u64,
+    });
+    let last_outcome = match (&last_success, &last_failure) {
+        (None, None) => None,
+        (Some(_), None) => Some("ok"),
+        (None, Some(_)) => Some("failed"),
+        (Some(s), Some(f)) => Some(if f.at_ms > s.started_at_ms {
+            "failed"
+        } else {
+            "ok"
+        }),
+    };
+    let (cursor, watermark, lag_seconds) = match entity.cursor_kind {
+        CursorKind::Time => {
+            // The database's clock minus this machine's, from the last cycle.
+            let offset_us = match (
+                int(&state, "last_db_now"),
+                int(&state, "last_started_at_ms"),
+            ) {
+                (Some(db_now), Some(started_ms)) => db_now - started_ms.saturating_mul(1000),
+                _ => 0,
+            };
+            let now_us = Utc::now().timestamp_micros() + offset_us;
+            (
+                "time",
+                watermark_epoch.map(format_timestamp),
+                watermark_epoch.map(|w| ((now_us - w) as f64 / 1e6).max(0.0)),
+            )
+        }
+        CursorKind::Version => ("version", watermark_epoch.map(|w| w.to_string()), None),
+    };
+    Ok(EntityStatus {
+        entity: entity.name.clone(),
+        source: entity.source.clone(),
+        stream: keys.stream.clone(),
+        cursor,
+        watermark,
+        watermark_epoch,
+        lag_seconds,
+        last_outcome,
+        last_success,
+        last_failure,
+        dedup_keys,
+        stream_length,
+        last_entry_id: last.ids.first().map(|entry| entry.id.clone()),
+    })
+}
+
+/// `status --json`: `{"entities": [...]}`, fields in a fixed order.
+pub fn render_json(statuses: &[EntityStatus]) -> String {
+    #[derive(Serialize)]
+    struct Document<'a> {
+        entities: &'a [EntityStatus],
+    }
+    serde_json::to_string_pretty(&Document { entities: statuses })
+        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+/// `status` as text: a block per entity.
+pub fn render_text(statuses: &[EntityStatus]) -> String {
+    let now_ms = Utc::now().timestamp_millis();
+    let ago = |at_ms: i64| format!("{:.1}s ago", (now_ms - at_ms).max(0) as f64 / 1000.0);
+    let mut out = String::new();
+    for (i, s) in statuses.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&format!("{} (source {})\n", s.entity, s.source));
+        let last_id = s.last_entry_id.as_deref().unwrap_or("none");
+        out.push_str(&format!(
+            "  stream        {}: {} entries, last id {last_id}\n",
+            s.stream, s.stream_length
+        ));
+        let watermark = match (&s.watermark, s.lag_seconds) {
+            (Some(w), Some(lag)) => format!("{w} (lag {lag:.1}s)"),
+            (Some(w), None) => w.clone(),
+            (None, _) => "none yet (no cycle committed)".to_owned(),
+        };
+        out.push_str(&format!("  watermark     {watermark}\n"));
+        let success = s.last_success.as_ref().map(|c| {
+            format!(
+                "started {} ({}): {} rows read, {} emitted, {} skipped in {:.3}s",
+                c.started_at,
+                ago(c.started_at_ms),
+                c.rows,
+                c.emitted,
+                c.skipped,
+                c.duration_seconds
+            )
+        });
+        let failure = s.last_failure.as_ref().map(|f| {
+            format!(
+                "{} ({}, {} failed cycles so far): {}{}",
+                f.at,
+                ago(f.at_ms),
+                f.count,
+                f.error,
+                if f.transient { " (retrying)" } else { "" }
+            )
+        });
+        match (s.last_outcome, success, failure) {
+            (Some("failed"), success, Some(failure)) => {
+                out.push_str(&format!("  last cycle    failed {failure}\n"));
+                out.push_str(&format!(
+                    "  last success  {}\n",
+                    success.as_deref().unwrap_or("none yet")
+                ));
+            }
+            (_, Some(success), failure) => {
+                out.push_str(&format!("  last cycle    ok, {success}\n"));
+                if let Some(failure) = failure {
+                    out.push_str(&format!("  last failure  {failure}\n"));
+                }
+            }
+            _ => out.push_str("  last cycle    none yet\n"),
+        }
+        out.push_str(&format!("  dedup set     {} keys\n", s.dedup_keys));
+    }
+    out
+}
+
+/// How often `wait` reads the state.
+const WAIT_POLL: Duration = Duration::from_millis(100);
+
+/// Waits until every selected entity has completed a cycle that started
+/// after this call did, or `timeout` passed. `say` gets a line per entity as
+/// it completes, and a line when a cycle fails meanwhile.
+///
+/// "Started after" compares the agent's clock (recorded by the cycle) with
+/// this machine's: run `wait` where the agent runs, or keep clocks in sync.
+pub async fn wait(
+    config: &Config,
+    only: Option<&str>,
+    timeout: Option<Duration>,
+    mut say: impl FnMut(&str),
+) -> Result<(), StatusError> {
+    let entities = config.select_entities(only).map_err(StatusError::Usage)?;
+    let begun = Instant::now();
+    let since_ms = Utc::now().timestamp_millis();
+    let sink = Sink::connect(&config.redis).await?;
+    let mut pending: Vec<(&EntitySettings, EntityKeys, String)> = entities
+        .into_iter()
+        .map(|e| {
+            let failure = failure_key(&config.redis.key_prefix, e);
+            (e, sink.keys(e), failure)
+        })
+        .collect();
+    let mut told_failure: HashMap<String, i64> = HashMap::new();
+    loop {
+        let mut still = Vec::new();
+        for (entity, keys, failure) in pending {
+            let mut conn = sink.connection();
+            // last_started_at_ms, last_rows, last_emitted; failure at_ms, error.
+            type Read = (Vec<Option<i64>>, Option<i64>, Option<String>);
+            let read: redis::RedisResult<Read> = redis::pipe()
+                .hget(
+                    &keys.state,
+                    &["last_started_at_ms", "last_rows", "last_emitted"],
+                )
+                .hget(&failure, "at_ms")
+                .hget(&failure, "error")
+                .query_async(&mut conn)
+                .await;
+            match read {
+                Ok((figures, failed_at, error)) => {
+                    if let Some(started) = figures[0].filter(|&s| s > since_ms) {
+                        say(&format!(
+                            "{}: cycle started {} completed: {} rows read, {} emitted",
+                            entity.name,
+                            format_timestamp(started.saturating_mul(1000)),
+                            figures[1].unwrap_or(0),
+                            figures[2].unwrap_or(0)
+                        ));
+                        continue;
+                    }
+                    if let Some(at) = failed_at.filter(|&at| at > since_ms) {
+                        if told_failure.get(&entity.name) != Some(&at) {
+                            told_failure.insert(entity.name.clone(), at);
+                            say(&format!(
+                                "{}: a cycle failed, still waiting: {}",
+                                entity.name,
+                                error.unwrap_or_default()
+                            ));
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(entity = %entity.name, error = %e, "cannot read the state; retrying")
+                }
+            }
+            still.push((entity, keys, failure));
+        }
+        pending = still;
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if let Some(timeout) = timeout {
+            if begun.elapsed() >= timeout {
+                return Err(StatusError::TimedOut {
+                    waited: timeout,
+                    entities: pending.iter().map(|(e, _, _)| e.name.clone()).collect(),
+                });
+            }
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
+}
