@@ -9,7 +9,7 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use sqlx::mysql::{MySqlArguments, MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
-use sqlx::{Column, Executor, MySql, Row, Statement, TypeInfo, ValueRef};
+use sqlx::{Column, ConnectOptions, Executor, MySql, Row, Statement, TypeInfo, ValueRef};
 
 use super::placeholder::rewrite_since;
 use super::{
@@ -27,6 +27,7 @@ pub(super) fn pool(settings: &SourceSettings) -> Result<MySqlPool, sqlx::Error> 
     // Keep the server's own SQL mode: sqlx would add PIPES_AS_CONCAT, which
     // changes what `||` means in the user's query.
     let options = MySqlConnectOptions::from_str(&url)?
+        .disable_statement_logging()
         .pipes_as_concat(false)
         .no_engine_substitution(false)
         .timezone(Some("+00:00".to_owned()));

@@ -8,7 +8,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, PgValueFormat};
-use sqlx::{Column, Either, Executor, Postgres, Row, Statement, TypeInfo, ValueRef};
+use sqlx::{Column, ConnectOptions, Either, Executor, Postgres, Row, Statement, TypeInfo, ValueRef};
 
 use super::placeholder::rewrite_since;
 use super::{
@@ -23,7 +23,11 @@ const PG_EPOCH_US: i64 = 946_684_800_000_000;
 const FLOOR_US: i64 = -62_135_596_800_000_000;
 
 pub(super) fn pool(settings: &SourceSettings) -> Result<PgPool, sqlx::Error> {
-    let options = PgConnectOptions::from_str(&settings.url)?.application_name("highwater");
+    // sqlx would log every statement (and slow ones as warnings, with the
+    // full SQL): highwater logs its own cycle lines instead.
+    let options = PgConnectOptions::from_str(&settings.url)?
+        .application_name("highwater")
+        .disable_statement_logging();
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .min_connections(0)

@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow,
 };
-use sqlx::{Column, Executor, Row, Sqlite, Statement, TypeInfo, ValueRef};
+use sqlx::{Column, ConnectOptions, Executor, Row, Sqlite, Statement, TypeInfo, ValueRef};
 
 use super::placeholder::rewrite_since;
 use super::{epoch_secs, ColumnDecoder, Described, Prepared, RowResult, SinceBinding, BEGINNING};
@@ -21,6 +21,7 @@ use crate::config::{Backend, SourceSettings};
 
 pub(super) fn pool(settings: &SourceSettings) -> Result<SqlitePool, sqlx::Error> {
     let options = SqliteConnectOptions::from_str(&settings.url)?
+        .disable_statement_logging()
         .create_if_missing(false)
         .busy_timeout(Duration::from_secs(5).min(settings.timeout));
     Ok(SqlitePoolOptions::new()

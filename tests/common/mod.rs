@@ -131,10 +131,13 @@ pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
         .expect("connect to redis")
 }
 
+/// An XRANGE entry: id and field/value pairs.
+type RawEntry = (String, Vec<(String, Vec<u8>)>);
+
 /// Every message of a stream, oldest first.
 pub async fn read_stream(stream: &str) -> Vec<Message> {
     let mut conn = redis_conn().await;
-    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+    let entries: Vec<RawEntry> = redis::cmd("XRANGE")
         .arg(stream)
         .arg("-")
         .arg("+")
