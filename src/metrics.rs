@@ -391,7 +391,7 @@ impl Metrics {
         gauge(
             &mut out,
             LAG_SECONDS,
-            "The database's clock now minus the watermark: how old a change may be before the stream has it, plus the look-back.",
+            "The database's clock now minus the watermark: changes younger than this may not be on the stream yet.",
             entities,
             |m| {
                 m.watermark
