@@ -16,12 +16,20 @@
 -- ARGV[1] candidate watermark ("" = keep the old one)
 -- ARGV[2] lookback (same unit as the epochs)
 -- ARGV[3] trim batch size
--- ARGV[4..] field, value pairs recorded in the state hash (last cycle's figures)
+-- ARGV[4] "1" if the state hash must exist (the cycle started from it or
+--         one of its chunks created it)
+-- ARGV[5..] field, value pairs recorded in the state hash (last cycle's figures)
 --
--- Returns {watermark or false, trimmed}.
+-- Returns {watermark or false, trimmed}; false, changing nothing, when the
+-- state hash must exist but does not (Redis lost it during the cycle: a
+-- commit would recreate it and hide the loss).
 
 local state, seen, digests = KEYS[1], KEYS[2], KEYS[3]
 local candidate, lookback, batch = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+
+if ARGV[4] == '1' and redis.call('EXISTS', state) == 0 then
+  return false
+end
 
 local watermark = redis.call('HGET', state, 'watermark')
 if candidate ~= '' and (not watermark or tonumber(candidate) > tonumber(watermark)) then
@@ -29,7 +37,7 @@ if candidate ~= '' and (not watermark or tonumber(candidate) > tonumber(watermar
   redis.call('HSET', state, 'watermark', watermark)
 end
 
-for i = 4, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   redis.call('HSET', state, ARGV[i], ARGV[i + 1])
 end
 

@@ -12,18 +12,27 @@
 -- ARGV[1] max stream length (XADD MAXLEN ~), 0 = no cap
 -- ARGV[2] variant
 -- ARGV[3] "1" to include the payload field, "0" for key-only messages
--- ARGV[4..] per row, 5 values: pkey, epoch, digest, op, payload
+-- ARGV[4] "1" if the state hash must exist: the cycle started from it (or an
+--         earlier chunk of the cycle created it)
+-- ARGV[5..] per row, 5 values: pkey, epoch, digest, op, payload
 --
 -- Returns {emitted, writes}: how many rows were emitted, and the state's
--- write counter after this call.
+-- write counter after this call. Returns false, applying nothing, when the
+-- state hash must exist but does not: Redis lost the entity's state during
+-- the cycle (FLUSHALL, a restart without persistence), and re-emitting into
+-- the empty state would pass the loss off as a first start.
 
 local seen, digests, stream, state = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local maxlen = tonumber(ARGV[1])
 local variant = ARGV[2]
 local with_payload = ARGV[3] == '1'
 
+if ARGV[4] == '1' and redis.call('EXISTS', state) == 0 then
+  return false
+end
+
 local emitted = 0
-for i = 4, #ARGV, 5 do
+for i = 5, #ARGV, 5 do
   local pkey, epoch, digest, op = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   if redis.call('HGET', digests, pkey) ~= digest then
     redis.call('ZADD', seen, epoch, pkey)

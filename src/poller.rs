@@ -233,6 +233,9 @@ pub async fn run_cycle(
     };
     let mut expected_writes = state.writes;
     let mut foreign_writes = false;
+    // From here on the state hash must not vanish: the scripts check it, so
+    // that a loss during the cycle is not recreated as a fresh state.
+    let mut expect_state = state.exists;
     let mut chunks = 0u64;
     let mut current = Vec::with_capacity(entity.chunk_rows);
     let mut progress = crate::progress::CycleProgress::start(&entity.name);
@@ -241,14 +244,25 @@ pub async fn run_cycle(
     while !current.is_empty() {
         let mut next = Vec::with_capacity(if ended { 0 } else { entity.chunk_rows });
         let (applied, filled) = if ended {
-            (sink.apply_chunk(entity, &keys, &current).await, Ok(true))
+            (
+                sink.apply_chunk(entity, &keys, &current, expect_state)
+                    .await,
+                Ok(true),
+            )
         } else {
             tokio::join!(
-                sink.apply_chunk(entity, &keys, &current),
+                sink.apply_chunk(entity, &keys, &current, expect_state),
                 window.fill(&mut next)
             )
         };
-        let (emitted, writes) = applied?;
+        let (emitted, writes) = match applied {
+            Ok(applied) => applied,
+            Err(e) => {
+                drop(window);
+                return Err(state_vanished(entity, memory, e));
+            }
+        };
+        expect_state |= emitted > 0;
         report.emitted += emitted;
         progress.update(window.read, report.emitted);
         // A chunk that emitted created the state hash.
@@ -306,13 +320,39 @@ pub async fn run_cycle(
             skipped: report.skipped,
             db_now: t0,
         };
-        report.watermark = sink.commit(entity, &keys, candidate, &figures).await?;
+        report.watermark = sink
+            .commit(entity, &keys, candidate, &figures, expect_state)
+            .await
+            .map_err(|e| state_vanished(entity, memory, e))?;
         memory.had_state = true;
     } else {
         memory.had_state |= report.emitted > 0;
     }
     report.duration = started.elapsed();
     Ok(report)
+}
+
+/// A sink error, unless it says the state vanished during the cycle: then
+/// the loss is handled as if found at the start of a cycle (stop, or let the
+/// next cycle re-read everything).
+fn state_vanished(
+    entity: &EntitySettings,
+    memory: &mut EntityMemory,
+    error: SinkError,
+) -> CycleError {
+    if !matches!(error, SinkError::StateVanished { .. }) {
+        return error.into();
+    }
+    memory.had_state = true;
+    memory.confirmed.clear();
+    memory.writes = None;
+    match entity.on_state_loss {
+        OnStateLoss::Fail => CycleError::StateLost {
+            entity: entity.name.clone(),
+            evidence: "its state keys vanished during a cycle".to_owned(),
+        },
+        OnStateLoss::Resnapshot => error.into(),
+    }
 }
 
 /// Where the window starts: `W - lookback`, or per `start` before the first commit.

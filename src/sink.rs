@@ -42,6 +42,15 @@ pub enum SinkError {
         action: &'static str,
         reply: String,
     },
+    /// The state hash the cycle started from is gone: Redis lost the
+    /// entity's state during the cycle. Nothing was written.
+    #[error(
+        "entity {entity}: its state vanished from redis during the cycle ({action} wrote nothing)"
+    )]
+    StateVanished {
+        entity: String,
+        action: &'static str,
+    },
 }
 
 impl SinkError {
@@ -53,6 +62,8 @@ impl SinkError {
                 is_transient_redis(error)
             }
             SinkError::Reply { .. } => false,
+            // The next cycle finds the state missing and acts per on_state_loss.
+            SinkError::StateVanished { .. } => true,
         }
     }
 
@@ -62,7 +73,7 @@ impl SinkError {
             SinkError::Connect { error, .. } | SinkError::Command { error, .. } => {
                 error.code() == Some("OOM")
             }
-            SinkError::Reply { .. } => false,
+            SinkError::Reply { .. } | SinkError::StateVanished { .. } => false,
         }
     }
 }
@@ -303,11 +314,15 @@ impl Sink {
 
     /// Applies one chunk through the dedup script; returns how many rows
     /// were emitted and the state's write counter afterwards.
+    /// `expect_state`: the state hash exists (the cycle started from it, or
+    /// an earlier chunk created it); if it has vanished, nothing is applied
+    /// and the error is [`SinkError::StateVanished`].
     pub async fn apply_chunk(
         &self,
         entity: &EntitySettings,
         keys: &EntityKeys,
         chunk: &[Change],
+        expect_state: bool,
     ) -> Result<(u64, i64), SinkError> {
         let mut invocation = self.dedup.prepare_invoke();
         invocation
@@ -321,7 +336,8 @@ impl Sink {
                 "1"
             } else {
                 "0"
-            });
+            })
+            .arg(if expect_state { "1" } else { "0" });
         let mut digest = [0u8; 16];
         for change in chunk {
             invocation
@@ -332,7 +348,7 @@ impl Sink {
                 .arg(change.payload.as_deref().unwrap_or(""));
         }
         let mut conn = self.conn.clone();
-        let (emitted, writes): (u64, i64) =
+        let applied: Option<(u64, i64)> =
             invocation
                 .invoke_async(&mut conn)
                 .await
@@ -341,18 +357,23 @@ impl Sink {
                     action: "the dedup script",
                     error,
                 })?;
-        Ok((emitted, writes))
+        applied.ok_or_else(|| SinkError::StateVanished {
+            entity: entity.name.clone(),
+            action: "the dedup script",
+        })
     }
 
     /// Advances the watermark to max(old, `candidate`) (`None`: keep it),
     /// records the cycle's figures and trims what the next window cannot
-    /// return. Returns the watermark now stored.
+    /// return. Returns the watermark now stored. `expect_state` as for
+    /// [`Sink::apply_chunk`].
     pub async fn commit(
         &self,
         entity: &EntitySettings,
         keys: &EntityKeys,
         candidate: Option<i64>,
         figures: &CycleFigures,
+        expect_state: bool,
     ) -> Result<Option<i64>, SinkError> {
         let mut conn = self.conn.clone();
         let candidate = candidate.map(|c| c.to_string()).unwrap_or_default();
@@ -365,7 +386,8 @@ impl Sink {
                 .key(&keys.digest)
                 .arg(&candidate)
                 .arg(entity.lookback)
-                .arg(TRIM_BATCH);
+                .arg(TRIM_BATCH)
+                .arg(if expect_state || !first { "1" } else { "0" });
             if first {
                 invocation
                     .arg("last_started_at_ms")
@@ -382,7 +404,7 @@ impl Sink {
                     invocation.arg("last_db_now").arg(db_now);
                 }
             }
-            let (watermark, trimmed): (Option<String>, usize) = invocation
+            let committed: Option<(Option<String>, usize)> = invocation
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|error| SinkError::Command {
@@ -390,6 +412,10 @@ impl Sink {
                     action: "the commit script",
                     error,
                 })?;
+            let (watermark, trimmed) = committed.ok_or_else(|| SinkError::StateVanished {
+                entity: entity.name.clone(),
+                action: "the commit script",
+            })?;
             first = false;
             if trimmed < TRIM_BATCH {
                 return watermark
