@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use sqlx::Row;
 
 use crate::agent::error_chain;
-use crate::config::{mask_url, Config, ConfigError, CursorKind, EntitySettings};
+use crate::config::{mask_url, Backend, Config, ConfigError, CursorKind, EntitySettings};
 use crate::sink::{EntityKeys, Sink};
 use crate::source::placeholder::rewrite_since;
 use crate::source::{Pool, Prepared, SinceBinding, Source};
@@ -355,6 +355,10 @@ async fn check_source(config: &Config, name: &str) -> Vec<Finding> {
     // The longest open write transaction against each entity's look-back.
     let transaction = longest_write_transaction(&source).await;
     match &transaction {
+        Ok(None) if source.backend == Backend::Sqlite => report.push(
+            Level::Ok,
+            format!("source {name}: open write transactions are not measured on SQLite"),
+        ),
         Ok(None) => report.push(
             Level::Ok,
             format!("source {name}: no write transaction open right now"),
