@@ -10,6 +10,8 @@ pub mod change;
 pub mod check;
 /// The TOML configuration, parsed and validated with named errors.
 pub mod config;
+/// `highwater demo`: a SQLite shop changing under an in-process agent.
+pub mod demo;
 /// Crash points for fault-injection tests (`HIGHWATER_CRASH_AT`).
 pub mod fault;
 /// `run`'s HTTP endpoint: `/metrics` and `/healthz`.
@@ -28,5 +30,7 @@ pub mod sink;
 pub mod source;
 /// `status` and `wait`: what the agent left in Redis.
 pub mod status;
+/// Reading streams back: decode, format and follow entries (`XREAD BLOCK`).
+pub mod tail;
 /// Logging setup.
 pub mod telemetry;

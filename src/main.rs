@@ -64,6 +64,28 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<std::time::Duration>,
     },
+    /// Create a small SQLite shop, change it continuously, run the agent on
+    /// it and print every message as it lands in Redis (Ctrl-C stops).
+    Demo {
+        /// Where the database, config and queries are written.
+        #[arg(long, default_value = "./demo")]
+        dir: PathBuf,
+        /// The Redis to write to.
+        #[arg(
+            long,
+            env = "REDIS_URL",
+            hide_env_values = true,
+            default_value = "redis://127.0.0.1:6379/0"
+        )]
+        redis_url: String,
+        /// Stop after this long (e.g. 20s); default: until Ctrl-C.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+        /// Key prefix; the streams are <PREFIX>:customers and <PREFIX>:orders,
+        /// deleted with their state at start.
+        #[arg(long, default_value = "highwater-demo")]
+        prefix: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -85,9 +107,29 @@ async fn async_main(cli: Cli) -> ExitCode {
     let default_level = match cli.command {
         Command::Once { .. } => "warn",
         Command::Run => "info",
-        Command::Check | Command::Status { .. } | Command::Wait { .. } => "warn",
+        Command::Demo { .. } | Command::Check | Command::Status { .. } | Command::Wait { .. } => {
+            "warn"
+        }
     };
     init_logging(cli.log_format, default_level);
+    if let Command::Demo {
+        dir,
+        redis_url,
+        duration,
+        prefix,
+    } = cli.command
+    {
+        let options = highwater::demo::DemoOptions {
+            dir,
+            redis_url,
+            duration,
+            prefix,
+        };
+        return match highwater::demo::run(options, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        };
+    }
     if let Command::Check = cli.command {
         // `check` reports a broken config itself, one problem per line.
         return check(&cli.config).await;
@@ -115,7 +157,9 @@ async fn async_main(cli: Cli) -> ExitCode {
                 () = shutdown_signal() => ExitCode::FAILURE,
             }
         }
-        Command::Check => unreachable!("dispatched before a config is loaded"),
+        Command::Demo { .. } | Command::Check => {
+            unreachable!("dispatched before a config is loaded")
+        }
     }
 }
 
@@ -144,7 +188,6 @@ async fn status(config: &Config, entity: Option<&str>, json: bool) -> ExitCode {
     }
     ExitCode::SUCCESS
 }
-
 
 async fn once(config: &Config, entity: Option<&str>) -> ExitCode {
     let results = match agent::once(config, entity).await {
