@@ -54,6 +54,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print an entity's (or any) stream as messages arrive, like `tail -f`.
+    Tail {
+        /// An entity name, or a stream key.
+        target: String,
+        /// Start with the entries the stream already holds (a new group: from the first entry).
+        #[arg(long)]
+        from_start: bool,
+        /// Read as this consumer group (XREADGROUP), acknowledging (XACK) what was printed.
+        #[arg(long)]
+        group: Option<String>,
+        /// The consumer's name within the group.
+        #[arg(long, default_value = "highwater-tail", requires = "group")]
+        consumer: String,
+    },
     /// Wait until every entity completed a cycle that started after this
     /// command did (for deploy scripts and tests); exit 1 on timeout.
     Wait {
@@ -107,9 +121,11 @@ async fn async_main(cli: Cli) -> ExitCode {
     let default_level = match cli.command {
         Command::Once { .. } => "warn",
         Command::Run => "info",
-        Command::Demo { .. } | Command::Check | Command::Status { .. } | Command::Wait { .. } => {
-            "warn"
-        }
+        Command::Demo { .. }
+        | Command::Check
+        | Command::Status { .. }
+        | Command::Tail { .. }
+        | Command::Wait { .. } => "warn",
     };
     init_logging(cli.log_format, default_level);
     if let Command::Demo {
@@ -145,6 +161,23 @@ async fn async_main(cli: Cli) -> ExitCode {
             Err(e) => fail(&e),
         },
         Command::Status { entity, json } => status(&config, entity.as_deref(), json).await,
+        Command::Tail {
+            target,
+            from_start,
+            group,
+            consumer,
+        } => {
+            let options = highwater::tail::TailOptions {
+                target,
+                from_start,
+                group,
+                consumer,
+            };
+            match highwater::tail::tail(&config, &options, shutdown_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
         Command::Wait { entity, timeout } => {
             let waited = highwater::status::wait(&config, entity.as_deref(), timeout, |line| {
                 println!("{line}")

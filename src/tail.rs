@@ -448,6 +448,311 @@ pub async fn follow(
     }
 }
 
+// ---------------------------------------------------------------------------
+// Consumer groups and the `highwater tail` command.
+// ---------------------------------------------------------------------------
+
+/// Reads one stream as a consumer of a consumer group (`XREADGROUP`):
+/// first this consumer's own pending entries (delivered before, never
+/// acknowledged: a previous run died between showing and acknowledging),
+/// then new ones. The caller acknowledges what it handled with [`GroupFollower::ack`].
+pub struct GroupFollower {
+    client: redis::Client,
+    url: String,
+    conn: Option<MultiplexedConnection>,
+    stream: String,
+    group: String,
+    consumer: String,
+    cursor: Option<CursorKind>,
+    /// Still re-reading this consumer's pending entries (ID `0`), not new ones (`>`).
+    backlog: bool,
+}
+
+impl GroupFollower {
+    /// Connects and creates the group if it does not exist, positioned at
+    /// the stream's end ([`StartAt::End`]) or start; an existing group keeps
+    /// its position. Returns whether the group was created.
+    pub async fn connect(
+        url: &str,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        start: StartAt,
+        cursor: Option<CursorKind>,
+    ) -> Result<(GroupFollower, bool), TailError> {
+        let client = redis::Client::open(url).map_err(|error| TailError::Connect {
+            url: mask_url(url),
+            error,
+        })?;
+        let mut follower = GroupFollower {
+            client,
+            url: mask_url(url),
+            conn: None,
+            stream: stream.to_owned(),
+            group: group.to_owned(),
+            consumer: consumer.to_owned(),
+            cursor,
+            backlog: true,
+        };
+        let mut conn = follower.connection().await?;
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(group)
+            .arg(if start == StartAt::Beginning {
+                "0"
+            } else {
+                "$"
+            })
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        let created = match created {
+            Ok(()) => true,
+            Err(error) if error.code() == Some("BUSYGROUP") => false,
+            Err(error) => return Err(follower.read_error(error)),
+        };
+        Ok((follower, created))
+    }
+
+    fn read_error(&self, error: redis::RedisError) -> TailError {
+        TailError::Read {
+            url: self.url.clone(),
+            streams: self.stream.clone(),
+            error,
+        }
+    }
+
+    async fn connection(&mut self) -> Result<MultiplexedConnection, TailError> {
+        if let Some(conn) = &self.conn {
+            return Ok(conn.clone());
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(CONNECT_TIMEOUT)
+            .set_response_timeout(BLOCK.max(Duration::from_secs(60)) + RESPONSE_MARGIN);
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|error| TailError::Connect {
+                url: self.url.clone(),
+                error,
+            })?;
+        self.conn = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// The next entries for this consumer, waiting up to `block` (at most a
+    /// minute) for new ones once its pending entries are delivered.
+    pub async fn read(
+        &mut self,
+        block: Duration,
+    ) -> Result<Vec<Result<Entry, DecodeError>>, TailError> {
+        let mut conn = self.connection().await?;
+        let mut options = StreamReadOptions::default()
+            .group(&self.group, &self.consumer)
+            .count(1000);
+        if !self.backlog {
+            let millis = block.min(Duration::from_secs(60)).as_millis().max(1);
+            options = options.block(millis as usize);
+        }
+        let id = if self.backlog { "0" } else { ">" };
+        let reply: Option<StreamReadReply> = match redis::cmd("XREADGROUP")
+            .arg(&options)
+            .arg("STREAMS")
+            .arg(&self.stream)
+            .arg(id)
+            .query_async(&mut conn)
+            .await
+        {
+            Ok(reply) => reply,
+            Err(error) => {
+                self.conn = None;
+                // After a reconnect, pending entries may have been delivered
+                // without an answer reaching us: read them again first.
+                self.backlog = true;
+                return Err(self.read_error(error));
+            }
+        };
+        let mut entries = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for raw in key.ids {
+                entries.push(Entry::decode(&key.key, &raw.id, &raw.map, self.cursor));
+            }
+        }
+        if self.backlog && entries.is_empty() {
+            self.backlog = false;
+        }
+        Ok(entries)
+    }
+
+    /// Acknowledges entries (`XACK`): they leave the group's pending list.
+    pub async fn ack(&mut self, ids: &[String]) -> Result<(), TailError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.connection().await?;
+        let acked: redis::RedisResult<u64> = redis::cmd("XACK")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg(ids)
+            .query_async(&mut conn)
+            .await;
+        acked.map(|_| ()).map_err(|error| {
+            self.conn = None;
+            self.read_error(error)
+        })
+    }
+}
+
+/// Like [`follow`], for a group consumer: each entry that `on_entry`
+/// handled (returned true for) is acknowledged after its batch; one it did
+/// not handle stays pending and ends the loop.
+pub async fn follow_group(
+    follower: &mut GroupFollower,
+    shutdown: impl Future<Output = ()>,
+    mut on_entry: impl FnMut(&Result<Entry, DecodeError>) -> bool,
+) -> Result<(), TailError> {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut failures = 0;
+    loop {
+        let read = tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            read = follower.read(BLOCK) => read,
+        };
+        let result = match read {
+            Ok(entries) => {
+                let mut handled = Vec::new();
+                let mut stopped = false;
+                for entry in &entries {
+                    if !on_entry(entry) {
+                        stopped = true;
+                        break;
+                    }
+                    handled.push(match entry {
+                        Ok(entry) => entry.id.clone(),
+                        Err(e) => e.id.clone(),
+                    });
+                }
+                let acked = follower.ack(&handled).await;
+                if stopped {
+                    return acked;
+                }
+                acked
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => failures = 0,
+            Err(e) if e.is_transient() => {
+                failures += 1;
+                let wait = crate::agent::backoff(failures);
+                tracing::warn!(error = %crate::agent::error_chain(&e), retry_in = ?wait, "cannot read the stream");
+                tokio::select! {
+                    () = &mut shutdown => return Ok(()),
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// What `highwater tail` follows and how.
+pub struct TailOptions {
+    /// An entity name (its stream, epochs shown per its cursor) or a stream key.
+    pub target: String,
+    /// Every entry the stream holds, not only new ones (for a new group: its start position).
+    pub from_start: bool,
+    /// Read as this consumer group (`XREADGROUP` + `XACK`).
+    pub group: Option<String>,
+    /// The consumer's name within the group.
+    pub consumer: String,
+}
+
+/// `highwater tail`: prints each entry as pretty JSON on stdout as it
+/// arrives, until `shutdown` (or stdout closes). Says on stderr what it
+/// follows once it is positioned, so nothing added after that line is missed.
+pub async fn tail(
+    config: &crate::config::Config,
+    options: &TailOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TailError> {
+    use std::io::Write as _;
+
+    let (stream, cursor) = match config.entities.get(&options.target) {
+        Some(entity) => (entity.stream.clone(), Some(entity.cursor_kind)),
+        None => (options.target.clone(), None),
+    };
+    let start = if options.from_start {
+        StartAt::Beginning
+    } else {
+        StartAt::End
+    };
+    let from = if options.from_start {
+        "from its first entry"
+    } else {
+        "from its end (new entries only)"
+    };
+    // A closed stdout (`| head`) ends the tail instead of a panic.
+    let (closed_tx, mut closed) = tokio::sync::watch::channel(false);
+    let print = move |entry: &Result<Entry, DecodeError>| -> bool {
+        let text = match entry {
+            Ok(entry) => entry.pretty(),
+            Err(e) => format!("{{\"error\": {}}}", quote(&e.to_string())),
+        };
+        let mut out = std::io::stdout().lock();
+        let written = writeln!(out, "{text}").and_then(|()| out.flush()).is_ok();
+        if !written {
+            let _ = closed_tx.send(true);
+        }
+        written
+    };
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown => {}
+            _ = closed.wait_for(|c| *c) => {}
+        }
+    };
+    match &options.group {
+        None => {
+            let mut follower = Follower::connect(
+                &config.redis.url,
+                std::slice::from_ref(&stream),
+                start,
+                cursor,
+            )
+            .await?;
+            eprintln!("following stream {stream} {from}; Ctrl-C stops");
+            follow(&mut follower, shutdown, |entry| {
+                print(&entry);
+            })
+            .await
+        }
+        Some(group) => {
+            let (mut follower, created) = GroupFollower::connect(
+                &config.redis.url,
+                &stream,
+                group,
+                &options.consumer,
+                start,
+                cursor,
+            )
+            .await?;
+            let position = if created {
+                format!("created group {group} {from}")
+            } else {
+                format!("group {group} exists: continuing where it stands")
+            };
+            eprintln!(
+                "following stream {stream} as consumer {} of group {group} ({position}); entries are acknowledged once printed; Ctrl-C stops",
+                options.consumer
+            );
+            follow_group(&mut follower, shutdown, print).await
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,5 @@
 //! Operating highwater, through the real binary against the real servers:
-//! `check`, `status`, `wait`, `run`'s `/metrics` and `/healthz`,
+//! `check`, `status`, `tail`, `wait`, `run`'s `/metrics` and `/healthz`,
 //! JSON logs, progress lines and password masking.
 
 mod common;
@@ -8,9 +8,11 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+use redis::AsyncCommands;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -109,6 +111,88 @@ fn samples(text: &str) -> BTreeMap<String, f64> {
             let (series, value) = l.rsplit_once(' ')?;
             Some((series.to_owned(), value.parse().ok()?))
         })
+        .collect()
+}
+
+/// A child process whose stdout and stderr are collected as they come.
+struct Child {
+    child: std::process::Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Child {
+    fn spawn(args: &[&str], env: &[(&str, &str)]) -> Child {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_highwater"));
+        command
+            .args(args)
+            .env_remove("HIGHWATER_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("start highwater");
+        let collect = |mut pipe: Box<dyn Read + Send>| {
+            let buffer = Arc::new(Mutex::new(String::new()));
+            let sink = Arc::clone(&buffer);
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&chunk[..n]));
+                }
+            });
+            buffer
+        };
+        let stdout = collect(Box::new(child.stdout.take().unwrap()));
+        let stderr = collect(Box::new(child.stderr.take().unwrap()));
+        Child {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    async fn wait_for(&self, what: &str, check: impl Fn(&str, &str) -> bool) {
+        let start = Instant::now();
+        while !check(&self.stdout(), &self.stderr()) {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "timed out after {DEADLINE:?} waiting for {what};\nstdout:\n{}\nstderr:\n{}",
+                self.stdout(),
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The JSON values printed one after another (`tail`'s output).
+fn json_values(text: &str) -> Vec<serde_json::Value> {
+    serde_json::Deserializer::from_str(text)
+        .into_iter::<serde_json::Value>()
+        .map_while(Result::ok)
         .collect()
 }
 
@@ -764,6 +848,166 @@ async fn status_shows_a_failing_entity_with_its_error_recorded_by_run() {
     assert!(text.contains("(retrying)"), "{text}");
     assert!(text.contains("  last success  none yet"), "{text}");
     assert!(!text.contains("hunter2"), "{text}");
+}
+
+// ---------------------------------------------------------------------------
+// tail
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn tail_prints_new_messages_decoded_as_they_arrive() {
+    let env = Env::new();
+    let (pool, table, config) = pg_setup(&env, "tail_new", "").await;
+    // Already on the stream before tail starts: not shown without --from-start.
+    pg_exec(
+        &pool,
+        &format!("INSERT INTO {table} (id, name) VALUES (1, 'old')"),
+    )
+    .await;
+    once_ok(&config);
+
+    let tail = Child::spawn(&["tail", "--config", config.to_str().unwrap(), &table], &[]);
+    tail.wait_for("tail to say it follows the stream", |_, err| {
+        err.contains(&format!("following stream {table} from its end"))
+    })
+    .await;
+    pg_exec(
+        &pool,
+        &format!("INSERT INTO {table} (id, name) VALUES (2, 'Ada'), (3, 'Grace')"),
+    )
+    .await;
+    once_ok(&config);
+    tail.wait_for("two messages printed", |out, _| json_values(out).len() >= 2)
+        .await;
+
+    let printed = json_values(&tail.stdout());
+    let stream = read_stream(&table).await;
+    assert_eq!(printed.len(), 2, "only the new messages: {}", tail.stdout());
+    let mut names = Vec::new();
+    for (message, on_stream) in printed.iter().zip(&stream[1..]) {
+        assert_eq!(message["id"], on_stream.id.as_str());
+        assert_eq!(message["pkey"], on_stream.pkey.as_str());
+        assert_eq!(message["op"], "upsert");
+        assert_eq!(message["epoch"], on_stream.epoch);
+        let changed_at = message["changed_at"].as_str().unwrap();
+        assert_eq!(
+            chrono::DateTime::parse_from_rfc3339(changed_at)
+                .unwrap()
+                .timestamp_micros(),
+            on_stream.epoch
+        );
+        assert_eq!(Some(&message["payload"]), on_stream.payload.as_ref());
+        names.push(message["payload"]["name"].as_str().unwrap().to_owned());
+    }
+    names.sort();
+    assert_eq!(names, ["Ada", "Grace"]);
+    assert!(
+        tail.stdout().contains("\n  \"payload\": {\n    \"id\": "),
+        "pretty JSON: {}",
+        tail.stdout()
+    );
+}
+
+#[tokio::test]
+async fn tail_from_start_prints_what_the_stream_already_holds() {
+    let env = Env::new();
+    let (pool, table, config) = pg_setup(&env, "tail_start", "start = \"beginning\"").await;
+    pg_exec(
+        &pool,
+        &format!("INSERT INTO {table} (id, name) VALUES (1, 'a'), (2, 'b')"),
+    )
+    .await;
+    once_ok(&config);
+
+    let tail = Child::spawn(
+        &[
+            "tail",
+            "--config",
+            config.to_str().unwrap(),
+            &table,
+            "--from-start",
+        ],
+        &[],
+    );
+    tail.wait_for("the two stored messages", |out, _| {
+        json_values(out).len() >= 2
+    })
+    .await;
+    let keys: Vec<String> = json_values(&tail.stdout())
+        .iter()
+        .map(|m| m["pkey"].as_str().unwrap().to_owned())
+        .collect();
+    let stream: Vec<String> = read_stream(&table)
+        .await
+        .into_iter()
+        .map(|m| m.pkey)
+        .collect();
+    assert_eq!(keys, stream);
+}
+
+#[tokio::test]
+async fn tail_with_a_group_reads_with_xreadgroup_and_acknowledges_what_it_printed() {
+    let env = Env::new();
+    let (pool, table, config) = pg_setup(&env, "tail_group", "").await;
+    let group = unique("g");
+
+    let tail = Child::spawn(
+        &[
+            "tail",
+            "--config",
+            config.to_str().unwrap(),
+            &table,
+            "--group",
+            &group,
+            "--consumer",
+            "c1",
+        ],
+        &[],
+    );
+    tail.wait_for("tail to create the group", |_, err| {
+        err.contains(&format!("as consumer c1 of group {group} (created group"))
+    })
+    .await;
+    pg_exec(
+        &pool,
+        &format!("INSERT INTO {table} (id, name) VALUES (1, 'a'), (2, 'b'), (3, 'c')"),
+    )
+    .await;
+    once_ok(&config);
+    tail.wait_for("three messages printed", |out, _| {
+        json_values(out).len() >= 3
+    })
+    .await;
+
+    let mut conn = redis_conn().await;
+    eventually(DEADLINE, "the group's pending list to empty", || {
+        let (mut conn, table, group) = (conn.clone(), table.clone(), group.clone());
+        async move {
+            let pending: redis::streams::StreamPendingReply =
+                conn.xpending(&table, &group).await.expect("XPENDING");
+            pending.count() == 0
+        }
+    })
+    .await;
+    let groups: redis::streams::StreamInfoGroupsReply =
+        conn.xinfo_groups(&table).await.expect("XINFO GROUPS");
+    let info = groups
+        .groups
+        .iter()
+        .find(|g| g.name == group)
+        .expect("the group exists");
+    let stream = read_stream(&table).await;
+    assert_eq!(
+        info.last_delivered_id, stream[2].id,
+        "delivered through the last entry"
+    );
+    assert_eq!(info.pending, 0);
+    let printed: Vec<String> = json_values(&tail.stdout())
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    let ids: Vec<String> = stream.iter().map(|m| m.id.clone()).collect();
+    assert_eq!(printed, ids);
 }
 
 // ---------------------------------------------------------------------------
