@@ -726,6 +726,13 @@ fn validate_entity(
     let stream = e.stream.unwrap_or_else(|| name.to_owned());
     if stream.is_empty() {
         problems.push(format!("{field}.stream: must not be empty"));
+    } else if crate::sink::slot_tag(&stream).contains(['{', '}']) {
+        // The state keys carry the stream's slot tag in braces; a tag that
+        // itself holds a brace cannot be written so that Redis Cluster hashes
+        // it the same, and every cycle would fail with CROSSSLOT.
+        problems.push(format!(
+            "{field}.stream: {stream:?} has braces but no hash tag: use a non-empty {{tag}} (e.g. \"orders{{eu}}\") or no braces"
+        ));
     }
 
     if problems.len() > before {

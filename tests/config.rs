@@ -125,6 +125,32 @@ fn an_unknown_source_names_it_and_the_configured_ones() {
 }
 
 #[test]
+fn a_stream_name_whose_braces_hold_no_hash_tag_is_refused() {
+    // Its state keys could not share its Redis Cluster slot.
+    let env = Env::new();
+    let config = orders_with(
+        &env,
+        "every = \"10s\"",
+        "every = \"10s\"\nstream = \"ops{}braces\"",
+    );
+    let error = error_of(&config);
+    assert!(
+        error.contains(r#"entities.orders.stream: "ops{}braces" has braces but no hash tag"#),
+        "{error}"
+    );
+    let tagged = orders_with(
+        &env,
+        "every = \"10s\"",
+        "every = \"10s\"\nstream = \"orders{eu}\"",
+    );
+    let error = error_of(&tagged);
+    assert!(
+        !error.contains("stream"),
+        "a tagged stream is fine: {error}"
+    );
+}
+
+#[test]
 fn query_and_query_file_together_are_refused() {
     let env = Env::new();
     env.file("queries/orders.sql", "SELECT 1");
