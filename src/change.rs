@@ -89,6 +89,8 @@ pub struct RowShape {
     cursor_kind: CursorKind,
     timezone: chrono_tz::Tz,
     payload: PayloadMode,
+    /// Per column: text to nest as JSON (`json_columns`).
+    nest_json: Vec<bool>,
 }
 
 impl RowShape {
@@ -133,6 +135,7 @@ impl RowShape {
             })
             .collect();
         Ok(RowShape {
+            nest_json: vec![false; columns.len()],
             columns,
             json_keys,
             key,
@@ -142,6 +145,21 @@ impl RowShape {
             timezone,
             payload,
         })
+    }
+
+    /// Marks text columns whose content goes into the payload as nested
+    /// JSON (text that is not valid JSON still goes out as a string).
+    pub fn with_json_columns(mut self, names: &[String]) -> Result<RowShape, String> {
+        for name in names {
+            let Some(i) = self.columns.iter().position(|c| c == name) else {
+                return Err(format!(
+                    "json_columns names {name:?}, which the query does not return (it returns: {})",
+                    self.columns.join(", ")
+                ));
+            };
+            self.nest_json[i] = true;
+        }
+        Ok(self)
     }
 
     /// Index of the cursor column.
@@ -158,7 +176,12 @@ impl RowShape {
                 json.push(',');
             }
             json.push_str(&self.json_keys[i]);
-            write_json(value, json);
+            match value {
+                Value::Text(text) if self.nest_json[i] => {
+                    write_json(&Value::Json(Cow::Borrowed(text)), json)
+                }
+                _ => write_json(value, json),
+            }
         }
         json.push('}');
         let digest = xxhash_rust::xxh3::xxh3_64(json.as_bytes());
@@ -493,6 +516,27 @@ mod tests {
         assert_eq!(
             s.build(&r, &mut buf).unwrap_err().to_string(),
             "cursor column updated_at is NULL in the row with key o-1"
+        );
+    }
+
+    #[test]
+    fn json_columns_nest_text_and_keep_invalid_json_a_string() {
+        let shape = shape(&["id"])
+            .with_json_columns(&["name".to_owned()])
+            .unwrap();
+        let mut buf = String::new();
+        let nested = shape
+            .build(&row(Value::Text(r#"{"a": [1, 2]}"#.into())), &mut buf)
+            .unwrap();
+        assert!(nested.payload.unwrap().contains(r#""name":{"a": [1, 2]}"#));
+        let plain = shape
+            .build(&row(Value::Text("not json".into())), &mut buf)
+            .unwrap();
+        assert!(plain.payload.unwrap().contains(r#""name":"not json""#));
+        let err = shape.with_json_columns(&["nope".to_owned()]).unwrap_err();
+        assert!(
+            err.starts_with("json_columns names \"nope\", which the query does not return"),
+            "{err}"
         );
     }
 

@@ -166,6 +166,9 @@ struct RawEntity {
     max_stream_length: Option<u64>,
     /// Column whose true / non-zero / non-NULL value marks the row deleted (`op = delete`).
     delete_column: Option<String>,
+    /// Text columns holding JSON, nested in the payload as JSON (MariaDB's `JSON`, SQLite, legacy TEXT).
+    #[serde(default)]
+    json_columns: Vec<String>,
     /// What to do when Redis lost this entity's state: `fail` (stop, default) or `resnapshot`.
     on_state_loss: Option<String>,
 }
@@ -290,6 +293,8 @@ pub struct EntitySettings {
     pub chunk_rows: usize,
     pub max_stream_length: u64,
     pub delete_column: Option<String>,
+    /// Text columns whose content is nested in the payload as JSON.
+    pub json_columns: Vec<String>,
     pub on_state_loss: OnStateLoss,
 }
 
@@ -755,6 +760,7 @@ fn validate_entity(
         chunk_rows,
         max_stream_length: e.max_stream_length.unwrap_or(DEFAULT_MAX_STREAM_LENGTH),
         delete_column: e.delete_column,
+        json_columns: e.json_columns,
         on_state_loss,
     })
 }

@@ -555,6 +555,40 @@ async fn composite_key_is_a_json_array_and_null_columns_are_null() {
     );
 }
 
+#[tokio::test]
+async fn json_columns_nest_mariadb_json_in_the_payload() {
+    // MariaDB's JSON is a LONGTEXT alias: without json_columns it arrives as a string.
+    let env = Env::new();
+    let pool = mysql().await;
+    let table = unique("my_json");
+    mysql_exec(
+        &pool,
+        &format!(
+            "CREATE TABLE {table} (id INT PRIMARY KEY, doc JSON, note TEXT, \
+             updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)); \
+             INSERT INTO {table} (id, doc, note) VALUES (1, '{{\"a\": [1, 2.5, null]}}', '{{\"b\": 1}}')"
+        ),
+    )
+    .await;
+    let config = config(
+        &env,
+        &table,
+        &format!(
+            "query = \"SELECT id, doc, note, updated_at FROM {table} WHERE updated_at >= :since\"\n\
+             key = \"id\"\ncursor = \"updated_at\"\nlookback = \"5m\"\njson_columns = [\"doc\"]"
+        ),
+    );
+    once_ok(&config);
+    let messages = read_stream(&table).await;
+    let payload = messages[0].payload.as_ref().unwrap();
+    assert_eq!(payload["doc"], json!({"a": [1, 2.5, null]}));
+    assert_eq!(
+        payload["note"],
+        json!("{\"b\": 1}"),
+        "columns not listed stay strings"
+    );
+}
+
 /// Columns of the types table, with the SQL value of the full row and the
 /// JSON a consumer receives.
 fn type_cases() -> Vec<(&'static str, &'static str, &'static str, Value)> {

@@ -317,6 +317,7 @@ impl Source {
             self.timezone,
             entity.payload,
         )
+        .and_then(|shape| shape.with_json_columns(&entity.json_columns))
         .map_err(shape_error)?;
         let cursor = shape.cursor_index();
         let since = match entity.cursor_kind {
