@@ -1,0 +1,581 @@
+//! The model test: highwater's promise (every committed change once, in
+//! commit order per row, across crashes and restarts, as long as
+//! transactions are shorter than the look-back) measured against a
+//! randomized, seeded workload on real PostgreSQL and MariaDB, with the real
+//! binary polling it while faults are injected.
+//!
+//! Each scenario prints one line to grep:
+//! `model: scenario=kill9 backend=postgres seed=... faults=6 ... versions=...
+//! required=... emitted=... lost=0 duplicated=0 out_of_order=0 ...`
+//! (run with `-- --nocapture` to see them). `HIGHWATER_SEED=<n>` replays a
+//! seed (the writers' and the faults' decisions; thread timing still
+//! varies); `HIGHWATER_SOAK=1` injects many more faults over longer runs.
+//! What the checker counts as lost, and why that is sound: `model/checker.rs`.
+
+// The harness's XRANGE reply type trips clippy's type_complexity.
+#[allow(clippy::type_complexity)]
+mod common;
+
+mod model {
+    pub mod agent;
+    pub mod checker;
+    pub mod proxy;
+    pub mod redis_server;
+    pub mod run;
+    pub mod workload;
+}
+
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+
+use model::proxy::Link;
+use model::run::{faults, soak, ModelRun, Settings};
+use model::workload::Backend;
+
+/// How long the writers run in scenarios without a fault loop.
+fn workload_time() -> Duration {
+    Duration::from_secs(if soak() { 120 } else { 8 })
+}
+
+/// Waits for the agent's first completed cycle.
+async fn first_cycle(run: &ModelRun) {
+    run.wait_for_events(0, "cycle", 1, Duration::from_secs(30), |_| true)
+        .await;
+}
+
+// ---------------------------------------------------------------------------
+// The model without faults, and the checker's honesty.
+// ---------------------------------------------------------------------------
+
+async fn without_faults(backend: Backend) {
+    let mut run = ModelRun::new(Settings::new("no_faults", backend)).await;
+    run.start_agent(None);
+    // The writers run meanwhile; this is the length of the workload.
+    tokio::time::sleep(workload_time()).await;
+    run.finish(false).await.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_committed_version_arrives_once_in_commit_order_on_postgres() {
+    without_faults(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_committed_version_arrives_once_in_commit_order_on_mariadb() {
+    without_faults(Backend::MariaDb).await;
+}
+
+/// A window without look-back misses transactions that commit after a
+/// cycle passed their cursor: the checker must say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_reports_losses_of_a_window_without_lookback() {
+    let mut settings = Settings::new("broken_no_lookback", Backend::Postgres);
+    settings.lookback = "0s";
+    settings.workload.hold_probability = 0.4;
+    // It never catches up: what it missed stays missed.
+    settings.catch_up = Duration::from_secs(3);
+    let mut run = ModelRun::new(settings).await;
+    run.start_agent(None);
+    tokio::time::sleep(workload_time()).await;
+    let report = run.finish(false).await;
+    assert!(
+        report.counts.lost > 0,
+        "a window without look-back must lose late commits, and the checker must count them: {}",
+        report.line
+    );
+}
+
+// ---------------------------------------------------------------------------
+// kill -9 of the agent.
+// ---------------------------------------------------------------------------
+
+async fn killed_agents(backend: Backend) {
+    let mut run = ModelRun::new(Settings::new("kill9", backend)).await;
+    let total = faults(9, 100);
+    for i in 0..total {
+        match i % 3 {
+            0 => {
+                // At a random moment: starting, mid-cycle, between cycles.
+                run.start_agent(None);
+                let delay = run.random_ms(50, 1500);
+                tokio::time::sleep(delay).await;
+                run.agent().kill9();
+                run.count_fault("kill9");
+            }
+            kind => {
+                // At the worst moments: between two chunks of a cycle, or
+                // after the last chunk before the commit.
+                let point = if kind == 1 {
+                    format!("after-chunk:{}", run.rng_range(1, 3))
+                } else {
+                    "before-commit".to_owned()
+                };
+                run.start_agent(Some(&point));
+                match run.agent().wait_exit(Duration::from_secs(10)).await {
+                    Some(status) if status.signal() == Some(6) => {
+                        run.count_fault(if kind == 1 {
+                            "after_chunk"
+                        } else {
+                            "before_commit"
+                        });
+                    }
+                    Some(status) => panic!(
+                        "HIGHWATER_CRASH_AT={point}: the agent exited with {status} instead of aborting\n{}",
+                        run.log.tail(30)
+                    ),
+                    None => {
+                        // No cycle had that many chunks: kill it anyway.
+                        run.agent().kill9();
+                        run.count_fault("kill9");
+                    }
+                }
+            }
+        }
+        // Sometimes a stretch of normal polling before the next fault.
+        if run.rng_bool(0.5) {
+            run.start_agent(None);
+            let delay = run.random_ms(200, 1500);
+            tokio::time::sleep(delay).await;
+            run.agent().kill9();
+            run.count_fault("kill9");
+        }
+    }
+    run.finish(false).await.assert_clean();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_any_moment_loses_and_duplicates_nothing_on_postgres() {
+    killed_agents(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_any_moment_loses_and_duplicates_nothing_on_mariadb() {
+    killed_agents(Backend::MariaDb).await;
+}
+
+// ---------------------------------------------------------------------------
+// Redis restarted, unreachable, losing its data, full.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarts_and_outages_lose_and_duplicate_nothing() {
+    let mut settings = Settings::new("redis_restart", Backend::MariaDb);
+    settings.redis.persistent = true;
+    let mut run = ModelRun::new(settings).await;
+    let dedup_sha = run.dedup_script_sha().await;
+    run.start_agent(None);
+    first_cycle(&run).await;
+    let total = faults(6, 60);
+    for i in 0..total {
+        let delay = run.random_ms(200, 1200);
+        tokio::time::sleep(delay).await;
+        if i % 3 != 2 {
+            // Mid-cycle: right after a chunk landed on the stream, kill -9
+            // Redis (AOF, fsync always: acknowledged writes survive) and
+            // start it again. Its script cache is empty: NOSCRIPT.
+            run.wait_stream_growth(Duration::from_secs(20)).await;
+            run.redis.restart().await;
+            run.count_fault("redis_restart");
+            run.wait_stream_growth(Duration::from_secs(30)).await;
+            let loaded: Vec<bool> = run
+                .redis_query(redis::cmd("SCRIPT").arg("EXISTS").arg(&dedup_sha))
+                .await;
+            assert_eq!(
+                loaded,
+                [true],
+                "the dedup script was not reloaded into the restarted Redis"
+            );
+        } else {
+            // Unreachable for a while.
+            run.redis.kill();
+            let outage = run.random_ms(1000, 4000);
+            tokio::time::sleep(outage).await;
+            run.redis.launch().await;
+            run.count_fault("redis_outage");
+        }
+        run.assert_agent_running("after Redis came back");
+    }
+    let report = run.finish(false).await;
+    report.assert_clean();
+}
+
+/// Rows in the table before the agent starts, in the state-loss scenarios:
+/// a run's first cycle (and a resnapshot) emits them chunk by chunk, so a
+/// loss can land in the middle of a cycle.
+const BIG_TABLE: i64 = 2_000;
+
+/// Redis loses everything (`FLUSHALL`, or a restart without persistence,
+/// alternately), either in the middle of a long cycle (right after one of
+/// its chunks landed) or at a random moment of polling. Returns what
+/// happened and whether it was a `FLUSHALL` the cycle in flight must notice:
+/// the stream (new since the last loss) had fewer messages than the table
+/// has rows, so the cycle that emits the whole table was still running.
+async fn lose_redis_data(run: &mut ModelRun, i: usize, from: usize) -> bool {
+    let mid_cycle = i.is_multiple_of(2);
+    if mid_cycle {
+        run.wait_stream_growth(Duration::from_secs(30)).await;
+    } else {
+        run.wait_for_events(from, "cycle", 2, Duration::from_secs(60), |_| true)
+            .await;
+        let delay = run.random_ms(0, 800);
+        tokio::time::sleep(delay).await;
+    }
+    let flushall = i % 4 < 2;
+    let length = if flushall {
+        run.flushall_after_draining().await
+    } else {
+        run.restart_empty_after_draining().await
+    };
+    run.count_fault(match (flushall, mid_cycle) {
+        (true, true) => "flushall_mid_cycle",
+        (true, false) => "flushall",
+        (false, true) => "restart_empty_mid_cycle",
+        (false, false) => "restart_empty",
+    });
+    flushall && length < BIG_TABLE as usize
+}
+
+/// The default `on_state_loss = "fail"`: the agent stops, exit 1, naming the
+/// entity and the setting, whenever Redis loses its data: at the start of a
+/// cycle or in its middle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_losing_its_data_stops_the_agent_with_a_clear_message() {
+    let mut settings = Settings::new("redis_lost_fail", Backend::Postgres);
+    settings.preload = BIG_TABLE;
+    settings.chunk_rows = Some(3);
+    let mut run = ModelRun::new(settings).await;
+    let total = faults(4, 32);
+    let mut during_a_cycle = 0;
+    for i in 0..total {
+        let from = run.log.len();
+        // Every run starts afresh (the stream went with the state): its
+        // first cycle emits the whole table.
+        run.start_agent(None);
+        let in_flight = lose_redis_data(&mut run, i, from).await;
+        let status = run.agent().wait_exit(Duration::from_secs(30)).await;
+        let lines = run.log.lines()[from..].join("\n");
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(1),
+            "the agent must stop with exit 1 when Redis lost its state (seed {}); log:\n{lines}",
+            run.seed
+        );
+        let message = run.log.lines()[from..]
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("error: "))
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            message.contains("entity items")
+                && message.contains("lost")
+                && message.contains("on_state_loss"),
+            "the last line must say which entity lost its state and name on_state_loss: {message:?}\n{lines}"
+        );
+        if message.contains("during a cycle") {
+            during_a_cycle += 1;
+        }
+        assert!(
+            !in_flight || message.contains("during a cycle"),
+            "a FLUSHALL in the middle of a cycle must be noticed by that cycle: {message:?}"
+        );
+    }
+    run.close(&format!(
+        "detected={total} noticed_during_a_cycle={during_a_cycle}"
+    ))
+    .await;
+}
+
+/// `on_state_loss = "resnapshot"`: the agent re-reads everything and keeps
+/// running; nothing is lost, rows arrive again (duplicates expected, counted,
+/// not failures).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_losing_its_data_with_resnapshot_loses_nothing() {
+    let mut settings = Settings::new("redis_lost_resnapshot", Backend::Postgres);
+    settings.on_state_loss = "resnapshot";
+    settings.preload = BIG_TABLE;
+    settings.chunk_rows = Some(3);
+    let mut run = ModelRun::new(settings).await;
+    run.start_agent(None);
+    let total = faults(4, 32);
+    let mut in_flight = 0;
+    for i in 0..total {
+        // A mid-cycle loss hits the first cycle, or the resnapshot after
+        // the previous loss: both emit the whole table.
+        let from = run.log.len();
+        in_flight += usize::from(lose_redis_data(&mut run, i, from).await);
+        run.wait_for_events(from, "redis lost this entity's state: re-reading everything the query returns (on_state_loss = \"resnapshot\"); consumers will see rows again", 1, Duration::from_secs(30), |_| true)
+            .await;
+        run.assert_agent_running("after a resnapshot");
+    }
+    let during_a_cycle = run
+        .log
+        .named_since(0, "cycle failed")
+        .iter()
+        .filter(|e| {
+            e["error"]
+                .as_str()
+                .is_some_and(|t| t.contains("vanished from redis during the cycle"))
+        })
+        .count();
+    assert!(
+        during_a_cycle >= in_flight,
+        "{in_flight} FLUSHALLs hit a cycle in flight, {during_a_cycle} cycles noticed"
+    );
+    run.note(format!("noticed_during_a_cycle={during_a_cycle}"));
+    let report = run.finish(true).await;
+    println!(
+        "model: scenario=redis_lost_resnapshot: duplicated={} are expected (every row re-sent after each loss)",
+        report.counts.duplicated
+    );
+    report.assert_no_loss();
+}
+
+/// Above `pause_at_memory` of `maxmemory` the agent pauses, says why, and
+/// emits nothing; below it resumes and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_near_its_memory_limit_pauses_polling_and_loses_nothing() {
+    let mut settings = Settings::new("memory_pause", Backend::MariaDb);
+    settings.redis.maxmemory = Some(8 << 20);
+    let mut run = ModelRun::new(settings).await;
+    run.start_agent(None);
+    first_cycle(&run).await;
+    for _ in 0..faults(2, 12) {
+        let delay = run.random_ms(300, 1200);
+        tokio::time::sleep(delay).await;
+        let from = run.log.len();
+        run.fill_memory(0.95).await;
+        let paused = run
+            .wait_for_events(from, "polling paused", 1, Duration::from_secs(15), |_| true)
+            .await;
+        let reason = paused[0]["reason"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            reason.contains("maxmemory") && reason.contains("pause_at_memory"),
+            "the pause must say why: {reason:?}"
+        );
+        let paused_at = run.log.position_since(from, "polling paused");
+        // The writers keep writing while Redis is full.
+        let pause = run.random_ms(1500, 3000);
+        tokio::time::sleep(pause).await;
+        let cycles_while_paused = run.log.named_since(paused_at, "cycle").len();
+        assert!(
+            cycles_while_paused <= 1,
+            "{cycles_while_paused} cycles completed while paused (at most the one in flight may)\n{}",
+            run.log.tail(30)
+        );
+        run.free_memory().await;
+        run.count_fault("memory_pause");
+        run.wait_for_events(from, "polling resumed", 1, Duration::from_secs(15), |_| {
+            true
+        })
+        .await;
+    }
+    run.finish(false).await.assert_clean();
+}
+
+/// Writes refused with OOM (the pause cannot see it coming: this Redis does
+/// not answer `INFO`, and `pause_at_memory = 1.0`): cycles fail, back off,
+/// and succeed once memory is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oom_replies_are_retried_with_backoff_and_lose_nothing() {
+    let mut settings = Settings::new("oom", Backend::Postgres);
+    settings.redis.maxmemory = Some(8 << 20);
+    settings.redis.hide_info = true;
+    settings.pause_at_memory = Some(1.0);
+    let mut run = ModelRun::new(settings).await;
+    run.start_agent(None);
+    first_cycle(&run).await;
+    for _ in 0..faults(2, 12) {
+        let delay = run.random_ms(300, 1200);
+        tokio::time::sleep(delay).await;
+        let from = run.log.len();
+        run.fill_memory(1.05).await;
+        let failed = run
+            .wait_for_events(from, "cycle failed", 2, Duration::from_secs(20), |e| {
+                e["error"].as_str().is_some_and(|t| t.contains("OOM"))
+            })
+            .await;
+        let waits: Vec<Duration> = failed
+            .iter()
+            .map(|e| parse_debug_duration(e["retry_in"].as_str().unwrap_or_default()))
+            .collect();
+        assert!(
+            waits[1] > waits[0],
+            "consecutive OOM failures must back off longer: {waits:?}"
+        );
+        run.free_memory().await;
+        run.count_fault("oom");
+        let freed = run.log.len();
+        run.wait_for_events(freed, "cycle", 1, Duration::from_secs(30), |_| true)
+            .await;
+    }
+    run.finish(false).await.assert_clean();
+}
+
+/// `retry_in` as logged (`Duration`'s Debug: `612.5ms`, `1.2s`).
+fn parse_debug_duration(text: &str) -> Duration {
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let value: f64 = text[..split].parse().unwrap_or(0.0);
+    let seconds = match &text[split..] {
+        "s" => value,
+        "ms" => value / 1e3,
+        "µs" | "us" => value / 1e6,
+        "ns" => value / 1e9,
+        other => panic!("unexpected duration unit {other:?} in {text:?}"),
+    };
+    Duration::from_secs_f64(seconds)
+}
+
+// ---------------------------------------------------------------------------
+// The database unreachable, the network hanging.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_unreachable_for_a_while_loses_and_duplicates_nothing() {
+    let mut settings = Settings::new("db_unreachable", Backend::Postgres);
+    settings.through_proxy = true;
+    settings.source_timeout = "2s";
+    let mut run = ModelRun::new(settings).await;
+    run.start_agent(None);
+    first_cycle(&run).await;
+    let mut failures = 0;
+    for _ in 0..faults(3, 24) {
+        let delay = run.random_ms(300, 1500);
+        tokio::time::sleep(delay).await;
+        let from = run.log.len();
+        run.proxy().set(Link::Refusing);
+        let outage = run.random_ms(1000, 4000);
+        tokio::time::sleep(outage).await;
+        run.proxy().set(Link::Up);
+        run.count_fault("db_refused");
+        failures += run.log.named_since(from, "cycle failed").len();
+        let back = run.log.len();
+        run.wait_for_events(back, "cycle", 1, Duration::from_secs(40), |e| {
+            e["interrupted"] == false
+        })
+        .await;
+        run.assert_agent_running("after the database came back");
+    }
+    assert!(
+        failures > 0,
+        "no cycle failed while the database refused connections\n{}",
+        run.log.tail(30)
+    );
+    run.finish(false).await.assert_clean();
+}
+
+/// The link stops forwarding without closing anything: the source timeout
+/// (2 s) abandons the cycle, the watermark stays where it was for the whole
+/// cut, and polling recovers when the link returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_network_times_out_without_moving_the_watermark() {
+    let mut settings = Settings::new("network_hang", Backend::Postgres);
+    settings.through_proxy = true;
+    settings.source_timeout = "2s";
+    let mut run = ModelRun::new(settings).await;
+    run.start_agent(None);
+    first_cycle(&run).await;
+    for _ in 0..faults(2, 16) {
+        let delay = run.random_ms(300, 1500);
+        tokio::time::sleep(delay).await;
+        let from = run.log.len();
+        run.proxy().set(Link::Hanging);
+        let failed = run
+            .wait_for_events(from, "cycle failed", 1, Duration::from_secs(30), |_| true)
+            .await;
+        let error = failed[0]["error"].as_str().unwrap_or_default().to_owned();
+        // The query's wait for a row ("no answer within 2s") or the pool's
+        // wait for a connection (bounded by the same timeout).
+        assert!(
+            error.contains("no answer within 2s") || error.contains("timed out"),
+            "the cycle must be abandoned by the 2s timeout: {error:?}"
+        );
+        // From the first failure on, no cycle can complete: the watermark stays.
+        let failed_at = run.log.position_since(from, "cycle failed");
+        let before = run.state_field("watermark").await;
+        let cut = run.random_ms(1500, 3500);
+        tokio::time::sleep(cut).await;
+        let after = run.state_field("watermark").await;
+        assert_eq!(before, after, "the watermark moved while the link hung");
+        assert!(
+            run.log.named_since(failed_at, "cycle").is_empty(),
+            "a cycle completed while the link hung\n{}",
+            run.log.tail(30)
+        );
+        run.proxy().set(Link::Up);
+        run.count_fault("db_hang");
+        let back = run.log.len();
+        run.wait_for_events(back, "cycle", 1, Duration::from_secs(40), |_| true)
+            .await;
+        run.assert_agent_running("after the link returned");
+    }
+    run.finish(false).await.assert_clean();
+}
+
+// ---------------------------------------------------------------------------
+// SIGTERM mid-cycle.
+// ---------------------------------------------------------------------------
+
+/// A big window in small chunks: SIGTERM finishes the chunk in flight, does
+/// not commit, exits 0; the state stays consistent with the stream; the next
+/// run completes with nothing lost or duplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_cycle_exits_cleanly_and_the_next_run_completes() {
+    let mut settings = Settings::new("sigterm", Backend::MariaDb);
+    settings.preload = if soak() { 20_000 } else { 5_000 };
+    settings.chunk_rows = Some(3);
+    settings.lookback = "1h";
+    let mut run = ModelRun::new(settings).await;
+    let mut mid_cycle = 0;
+    for i in 0..faults(3, 24) {
+        let from = run.log.len();
+        run.start_agent(None);
+        if i == 0 {
+            // The first cycle emits the preload chunk by chunk.
+            run.wait_stream_growth(Duration::from_secs(30)).await;
+        } else {
+            // Every first cycle of a process sends the window through Redis.
+            run.wait_for_events(from, "polling", 1, Duration::from_secs(30), |_| true)
+                .await;
+            let delay = run.random_ms(50, 600);
+            tokio::time::sleep(delay).await;
+        }
+        run.agent().sigterm();
+        run.count_fault("sigterm");
+        let status = run.agent().wait_exit(Duration::from_secs(20)).await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "SIGTERM must exit 0 promptly, got {status:?}\n{}",
+            run.log.tail(30)
+        );
+        let interrupted: Vec<_> = run
+            .log
+            .named_since(from, "cycle")
+            .into_iter()
+            .filter(|e| e["interrupted"] == true)
+            .collect();
+        if let Some(cycle) = interrupted.last() {
+            mid_cycle += 1;
+            // The interrupted cycle did not commit: the watermark is the one it started from.
+            let started_from = cycle["watermark"].as_str().unwrap_or_default();
+            let stored = run.state_field("watermark").await;
+            assert_eq!(
+                stored.map(|w| w.parse::<i64>().expect("watermark is an integer")),
+                chrono::DateTime::parse_from_rfc3339(started_from)
+                    .ok()
+                    .map(|t| t.timestamp_micros()),
+                "an interrupted cycle moved the watermark"
+            );
+        }
+        run.assert_state_matches_stream().await;
+    }
+    assert!(
+        mid_cycle > 0,
+        "no SIGTERM landed mid-cycle (no interrupted cycle logged)\n{}",
+        run.log.tail(30)
+    );
+    run.note(format!("mid_cycle={mid_cycle}"));
+    run.finish(false).await.assert_clean();
+}

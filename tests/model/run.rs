@@ -1,0 +1,759 @@
+//! One scenario's run: its database tables and writers, its private Redis,
+//! maybe a proxy in front of the database, the agent's config, the agent
+//! process (restarted as often as the scenario likes), and at the end the
+//! catch-up, the check and the one-line report.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::common::Message;
+use crate::model::agent::{AgentLog, AgentProcess};
+use crate::model::checker::{self, Counts};
+use crate::model::proxy::Proxy;
+use crate::model::redis_server::{RedisOptions, RedisServer};
+use crate::model::workload::{
+    self, url_via, Backend, Db, Tables, Timings, Workload, WorkloadSettings,
+};
+
+/// The entity (and stream) name in every scenario.
+pub const ENTITY: &str = "items";
+
+/// `HIGHWATER_SOAK=1`: more faults, longer runs.
+pub fn soak() -> bool {
+    std::env::var("HIGHWATER_SOAK").is_ok_and(|v| v == "1")
+}
+
+/// `normal` faults, or `soak` with `HIGHWATER_SOAK=1`.
+pub fn faults(normal: usize, soak_faults: usize) -> usize {
+    if soak() {
+        soak_faults
+    } else {
+        normal
+    }
+}
+
+/// What a scenario changes in the defaults.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub scenario: &'static str,
+    pub backend: Backend,
+    pub lookback: &'static str,
+    pub chunk_rows: Option<usize>,
+    pub on_state_loss: &'static str,
+    /// The source's `timeout`.
+    pub source_timeout: &'static str,
+    pub redis: RedisOptions,
+    pub pause_at_memory: Option<f64>,
+    /// The agent reaches the database through a [`Proxy`].
+    pub through_proxy: bool,
+    /// Rows inserted before the agent starts.
+    pub preload: i64,
+    pub workload: WorkloadSettings,
+    /// How long [`ModelRun::finish`] waits for the agent to catch up.
+    pub catch_up: Duration,
+}
+
+impl Settings {
+    pub fn new(scenario: &'static str, backend: Backend) -> Settings {
+        Settings {
+            scenario,
+            backend,
+            // Longer than the longest transaction (2 s) plus 1 s of
+            // DATETIME truncation, with a margin.
+            lookback: "4s",
+            chunk_rows: None,
+            on_state_loss: "fail",
+            source_timeout: "5s",
+            redis: RedisOptions::default(),
+            pause_at_memory: None,
+            through_proxy: false,
+            preload: 0,
+            workload: WorkloadSettings::default(),
+            catch_up: Duration::from_secs(if soak() { 90 } else { 45 }),
+        }
+    }
+}
+
+/// The seed: `HIGHWATER_SEED`, else a fresh one.
+fn seed() -> u64 {
+    match std::env::var("HIGHWATER_SEED") {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("HIGHWATER_SEED={text:?} is not a number")),
+        Err(_) => rand::rng().random_range(1..1_000_000_000),
+    }
+}
+
+pub struct ModelRun {
+    pub settings: Settings,
+    pub seed: u64,
+    /// Decides the scenario's faults and timings (the writers have their own).
+    pub rng: StdRng,
+    pub db: Db,
+    pub tables: Tables,
+    pub redis: RedisServer,
+    pub proxy: Option<Proxy>,
+    pub config: PathBuf,
+    pub log: AgentLog,
+    pub agent: Option<AgentProcess>,
+    /// Poll interval of the entity (milliseconds), drawn from the seed.
+    pub every_ms: u64,
+    pub chunk_rows: usize,
+    workload: Option<Workload>,
+    timings: Timings,
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<&'static str, usize>,
+    /// Scenario facts for the report line (`mid_cycle=3`).
+    notes: Vec<String>,
+    /// Messages read so far by [`ModelRun::drain`], for scenarios where
+    /// Redis loses the stream.
+    collected: Vec<Message>,
+    last_id: String,
+    _dir: tempfile::TempDir,
+}
+
+/// The result of a scenario.
+pub struct Report {
+    pub line: String,
+    pub counts: Counts,
+    /// The last agent's exit status after SIGTERM (`None`: it did not exit).
+    pub exit: Option<ExitStatus>,
+    pub log_tail: String,
+}
+
+impl Report {
+    /// 0 lost, 0 duplicated, 0 out of order, every message a committed
+    /// version, every row's last message its final state, exit 0 on SIGTERM.
+    pub fn assert_clean(&self) {
+        self.assert_no_loss();
+        assert_eq!(
+            self.counts.duplicated,
+            0,
+            "{}\n{}\nagent log:\n{}",
+            self.line,
+            self.counts.examples.join("\n"),
+            self.log_tail
+        );
+    }
+
+    /// As [`Report::assert_clean`] but duplicates are allowed (Redis lost the
+    /// dedup state and the agent re-read everything).
+    pub fn assert_no_loss(&self) {
+        let c = &self.counts;
+        assert!(
+            c.lost == 0 && c.out_of_order == 0 && c.phantom == 0 && c.final_mismatch == 0,
+            "{}\n{}\nagent log:\n{}",
+            self.line,
+            c.examples.join("\n"),
+            self.log_tail
+        );
+        assert!(
+            self.exit.is_some_and(|s| s.success()),
+            "the agent did not exit 0 on SIGTERM: {:?}\n{}\nagent log:\n{}",
+            self.exit,
+            self.line,
+            self.log_tail
+        );
+    }
+}
+
+impl ModelRun {
+    /// Sets everything up (tables, preload, Redis, proxy, config) and
+    /// starts the writers; the agent is not started.
+    pub async fn new(settings: Settings) -> ModelRun {
+        let seed = seed();
+        println!(
+            "model: scenario={} backend={} seed={seed} (replay: HIGHWATER_SEED={seed})",
+            settings.scenario,
+            settings.backend.name()
+        );
+        let mut rng = StdRng::seed_from_u64(seed);
+        let every_ms = rng.random_range(100..=300);
+        let chunk_rows = settings
+            .chunk_rows
+            .unwrap_or_else(|| rng.random_range(2..=10));
+
+        let db = Db::connect(settings.backend, settings.workload.writers as u32 + 2).await;
+        let tables = Tables::create(&db, &format!("model_{}", settings.scenario)).await;
+        let timings: Timings = Arc::new(Mutex::new(HashMap::new()));
+        workload::preload(&db, &tables, settings.preload, &timings).await;
+
+        let redis = RedisServer::start(settings.redis.clone()).await;
+        let proxy = if settings.through_proxy {
+            Some(Proxy::start(settings.backend.address()).await)
+        } else {
+            None
+        };
+        let source_url = match &proxy {
+            Some(proxy) => url_via(&settings.backend.url(), proxy.addr),
+            None => settings.backend.url(),
+        };
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("highwater.toml");
+        let pause = settings
+            .pause_at_memory
+            .map(|p| format!("pause_at_memory = {p}\n"))
+            .unwrap_or_default();
+        let text = format!(
+            r#"[redis]
+url = "{redis}"
+key_prefix = "hw"
+timeout = "5s"
+{pause}
+[http]
+listen = ""
+
+[sources.db]
+url = "{source_url}"
+max_connections = 2
+timeout = "{source_timeout}"
+
+[entities.{ENTITY}]
+source = "db"
+query = "{query}"
+key = "id"
+cursor = "updated_at"
+lookback = "{lookback}"
+every = "{every_ms}ms"
+start = "beginning"
+chunk_rows = {chunk_rows}
+max_stream_length = 0
+delete_column = "deleted"
+on_state_loss = "{on_state_loss}"
+"#,
+            redis = redis.url(),
+            source_timeout = settings.source_timeout,
+            query = tables.query(),
+            lookback = settings.lookback,
+            on_state_loss = settings.on_state_loss,
+        );
+        std::fs::write(&config, text).expect("write config");
+
+        let workload = Workload::start(
+            db.clone(),
+            tables.clone(),
+            settings.workload.clone(),
+            seed,
+            settings.preload,
+            Arc::clone(&timings),
+        );
+        ModelRun {
+            settings,
+            seed,
+            rng,
+            db,
+            tables,
+            redis,
+            proxy,
+            config,
+            log: AgentLog::default(),
+            agent: None,
+            every_ms,
+            chunk_rows,
+            workload: Some(workload),
+            timings,
+            faults: BTreeMap::new(),
+            notes: Vec::new(),
+            collected: Vec::new(),
+            last_id: "0".into(),
+            _dir: dir,
+        }
+    }
+
+    /// Starts the agent (the previous one must have exited).
+    pub fn start_agent(&mut self, crash_at: Option<&str>) {
+        if let Some(agent) = &mut self.agent {
+            assert!(
+                agent.exited().is_some(),
+                "start_agent while the previous agent runs"
+            );
+        }
+        self.agent = Some(AgentProcess::start(&self.config, &self.log, crash_at));
+    }
+
+    pub fn agent(&mut self) -> &mut AgentProcess {
+        self.agent.as_mut().expect("an agent was started")
+    }
+
+    pub fn count_fault(&mut self, kind: &'static str) {
+        *self.faults.entry(kind).or_default() += 1;
+    }
+
+    pub fn note(&mut self, fact: String) {
+        self.notes.push(fact);
+    }
+
+    pub fn total_faults(&self) -> usize {
+        self.faults.values().sum()
+    }
+
+    /// A random duration in `[min_ms, max_ms]` from the scenario's seed.
+    pub fn random_ms(&mut self, min_ms: u64, max_ms: u64) -> Duration {
+        Duration::from_millis(self.rng.random_range(min_ms..=max_ms))
+    }
+
+    /// Writes the agent's whole log (every run) to a file, for a failure
+    /// message: returns its path.
+    pub fn save_log(&self) -> String {
+        let path = std::env::temp_dir().join(format!(
+            "highwater-model-{}-{}-{}.log",
+            self.settings.scenario,
+            self.settings.backend.name(),
+            self.seed
+        ));
+        let _ = std::fs::write(&path, self.log.lines().join("\n"));
+        path.display().to_string()
+    }
+
+    /// A random integer in `[min, max]` from the scenario's seed.
+    pub fn rng_range(&mut self, min: u64, max: u64) -> u64 {
+        self.rng.random_range(min..=max)
+    }
+
+    pub fn rng_bool(&mut self, p: f64) -> bool {
+        self.rng.random_bool(p)
+    }
+
+    pub fn proxy(&self) -> &Proxy {
+        self.proxy.as_ref().expect("a scenario with a proxy")
+    }
+
+    /// Runs a command on the private Redis.
+    pub async fn redis_query<T: redis::FromRedisValue>(&self, command: &mut redis::Cmd) -> T {
+        let mut conn = self.redis.conn().await;
+        command
+            .query_async(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("redis command on the private server: {e}"))
+    }
+
+    /// The SHA1 under which the agent's dedup script is cached (computed by
+    /// Redis without loading the script).
+    pub async fn dedup_script_sha(&self) -> String {
+        let script = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/lua/dedup.lua"))
+            .expect("read lua/dedup.lua");
+        self.redis_query(
+            redis::cmd("EVAL")
+                .arg("return redis.sha1hex(ARGV[1])")
+                .arg(0)
+                .arg(script),
+        )
+        .await
+    }
+
+    /// Waits until the stream grows (a chunk landed), polling every 2 ms.
+    pub async fn wait_stream_growth(&self, deadline: Duration) {
+        let mut conn = self.redis.conn().await;
+        let mut xlen = redis::cmd("XLEN");
+        xlen.arg(ENTITY);
+        let start: usize = xlen.query_async(&mut conn).await.expect("XLEN");
+        let started = Instant::now();
+        loop {
+            let now: usize = match xlen.query_async(&mut conn).await {
+                Ok(n) => n,
+                Err(_) => {
+                    conn = self.redis.conn().await;
+                    continue;
+                }
+            };
+            if now > start {
+                return;
+            }
+            assert!(
+                started.elapsed() < deadline,
+                "timed out after {deadline:?} waiting for the stream to grow (seed {}); log:\n{}",
+                self.seed,
+                self.log.tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Fills Redis with a filler key until `used_memory` is about `ratio`
+    /// of `maxmemory` (above 1: every write is refused with OOM).
+    pub async fn fill_memory(&self, ratio: f64) {
+        let (used, max) = self.redis.memory().await;
+        let target = (max as f64 * ratio) as u64;
+        assert!(target > used, "Redis already uses {used} of {max} bytes");
+        let _: i64 = self
+            .redis_query(
+                redis::cmd("SETRANGE")
+                    .arg("model-filler")
+                    .arg(target - used)
+                    .arg("x"),
+            )
+            .await;
+    }
+
+    pub async fn free_memory(&self) {
+        let _: i64 = self
+            .redis_query(redis::cmd("DEL").arg("model-filler"))
+            .await;
+    }
+
+    /// The dedup state agrees with the stream: the sorted set holds exactly
+    /// the keys on the stream, each scored with its last message's epoch,
+    /// and the digest hash as many keys (for look-backs that trim nothing).
+    pub async fn assert_state_matches_stream(&self) {
+        let messages: Vec<Message> = parse_entries(
+            self.redis_query(redis::cmd("XRANGE").arg(ENTITY).arg("-").arg("+"))
+                .await,
+        );
+        let mut last: BTreeMap<String, i64> = BTreeMap::new();
+        for m in &messages {
+            last.insert(m.pkey.clone(), m.epoch);
+        }
+        let seen: Vec<(String, f64)> = self
+            .redis_query(
+                redis::cmd("ZRANGE")
+                    .arg(format!("hw:{{{ENTITY}}}:seen:{ENTITY}"))
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES"),
+            )
+            .await;
+        let seen: BTreeMap<String, i64> = seen.into_iter().map(|(k, s)| (k, s as i64)).collect();
+        let digests: usize = self
+            .redis_query(redis::cmd("HLEN").arg(format!("hw:{{{ENTITY}}}:digest:{ENTITY}")))
+            .await;
+        assert!(
+            seen == last && digests == seen.len(),
+            "the dedup state disagrees with the stream: {} keys on the stream, {} in seen, {digests} digests; first differences: {:?}",
+            last.len(),
+            seen.len(),
+            last.iter()
+                .filter(|(k, e)| seen.get(*k) != Some(e))
+                .take(5)
+                .collect::<Vec<_>>()
+        );
+    }
+
+    /// Ends a scenario that does not check the stream (it was lost on
+    /// purpose): stops the writers and the agent, prints the report line.
+    pub async fn close(mut self, facts: &str) -> String {
+        if let Some(workload) = self.workload.as_mut() {
+            workload.stop().await;
+        }
+        if let Some(agent) = self.agent.as_mut() {
+            if agent.exited().is_none() {
+                agent.kill9();
+            }
+        }
+        let faults = self
+            .faults
+            .iter()
+            .map(|(kind, n)| format!(" {kind}={n}"))
+            .collect::<String>();
+        let line = format!(
+            "model: scenario={} backend={} seed={} faults={}{faults} {facts}",
+            self.settings.scenario,
+            self.settings.backend.name(),
+            self.seed,
+            self.total_faults(),
+        );
+        println!("{line}");
+        self.tables.drop_all(&self.db).await;
+        line
+    }
+
+    /// The agent is still running; panics with its log if it exited.
+    pub fn assert_agent_running(&mut self, when: &str) {
+        let log = self.log.clone();
+        if let Some(status) = self.agent().exited() {
+            panic!(
+                "the agent exited ({status}) {when}; it must keep running\n{}",
+                log.tail(40)
+            );
+        }
+    }
+
+    /// Waits until the log has `count` events named `message` from line
+    /// `from` on that satisfy `check`; panics with the log after `deadline`.
+    pub async fn wait_for_events(
+        &self,
+        from: usize,
+        message: &str,
+        count: usize,
+        deadline: Duration,
+        check: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let started = Instant::now();
+        loop {
+            let found: Vec<_> = self
+                .log
+                .named_since(from, message)
+                .into_iter()
+                .filter(|e| check(e))
+                .collect();
+            if found.len() >= count {
+                return found;
+            }
+            assert!(
+                started.elapsed() < deadline,
+                "timed out after {deadline:?} waiting for {count} {message:?} events (seed {}); whole log in {}; its end:\n{}",
+                self.seed,
+                self.save_log(),
+                self.log.tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A field of the entity's state hash.
+    pub async fn state_field(&self, field: &str) -> Option<String> {
+        let mut conn = self.redis.conn().await;
+        redis::cmd("HGET")
+            .arg(format!("hw:{{{ENTITY}}}:state:{ENTITY}"))
+            .arg(field)
+            .query_async(&mut conn)
+            .await
+            .expect("HGET state")
+    }
+
+    /// Reads the stream's new messages into the collection (as a consumer
+    /// would); returns how many it read.
+    pub async fn drain(&mut self) -> usize {
+        let mut conn = self.redis.conn().await;
+        let entries: redis::Value = redis::cmd("XRANGE")
+            .arg(ENTITY)
+            .arg(format!("({}", self.last_id))
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .expect("XRANGE");
+        self.collect(entries)
+    }
+
+    fn collect(&mut self, entries: redis::Value) -> usize {
+        let messages = parse_entries(entries);
+        if let Some(last) = messages.last() {
+            self.last_id = last.id.clone();
+        }
+        let n = messages.len();
+        self.collected.extend(messages);
+        n
+    }
+
+    /// Redis loses everything at once (`FLUSHALL`), a consumer having read
+    /// the stream up to that instant (read and flush in one MULTI/EXEC).
+    /// Returns the stream's length at that instant.
+    pub async fn flushall_after_draining(&mut self) -> usize {
+        let mut conn = self.redis.conn().await;
+        let (length, entries, _): (usize, redis::Value, redis::Value) = redis::pipe()
+            .atomic()
+            .cmd("XLEN")
+            .arg(ENTITY)
+            .cmd("XRANGE")
+            .arg(ENTITY)
+            .arg(format!("({}", self.last_id))
+            .arg("+")
+            .cmd("FLUSHALL")
+            .query_async(&mut conn)
+            .await
+            .expect("MULTI XLEN XRANGE FLUSHALL EXEC");
+        self.collect(entries);
+        // The new stream's ids may be lower than the last one read.
+        self.last_id = "0".into();
+        length
+    }
+
+    /// Redis restarts without persistence (empty), a consumer having read
+    /// the stream up to that instant: writes are paused, the stream read,
+    /// then the server killed and started again. Returns the stream's
+    /// length at that instant.
+    pub async fn restart_empty_after_draining(&mut self) -> usize {
+        assert!(!self.settings.redis.persistent);
+        let mut conn = self.redis.conn().await;
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(10_000)
+            .arg("WRITE")
+            .query_async(&mut conn)
+            .await
+            .expect("CLIENT PAUSE");
+        let length: usize = redis::cmd("XLEN")
+            .arg(ENTITY)
+            .query_async(&mut conn)
+            .await
+            .expect("XLEN");
+        self.drain().await;
+        self.redis.restart().await;
+        self.last_id = "0".into();
+        length
+    }
+
+    /// Stops the writers, lets the agent catch up, stops it with SIGTERM,
+    /// checks the stream against the truth and prints the report line.
+    /// `from_collection`: use what [`ModelRun::drain`] collected (the stream
+    /// was lost on the way) instead of the stream as it is now.
+    pub async fn finish(mut self, from_collection: bool) -> Report {
+        let writers = {
+            let workload = self.workload.as_mut().expect("writers running");
+            workload.stop().await;
+            workload.counts.summary()
+        };
+        let (_, finals) = workload::read_truth(&self.db, &self.tables).await;
+
+        let running = self
+            .agent
+            .as_mut()
+            .is_some_and(|agent| agent.exited().is_none());
+        if !running {
+            self.start_agent(None);
+        }
+        // Catch up: every row's final version on the stream.
+        let deadline = self.settings.catch_up;
+        let started = Instant::now();
+        let final_versions: HashMap<i64, i64> = finals.iter().map(|r| (r.id, r.v)).collect();
+        let mut present: HashMap<i64, bool> = HashMap::new();
+        let mut stream_read_to = "0".to_owned();
+        loop {
+            let fresh = if from_collection {
+                let before = self.collected.len();
+                self.drain().await;
+                self.collected[before..].to_vec()
+            } else {
+                let mut conn = self.redis.conn().await;
+                let entries: redis::Value = redis::cmd("XRANGE")
+                    .arg(ENTITY)
+                    .arg(format!("({stream_read_to}"))
+                    .arg("+")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("XRANGE");
+                let fresh = parse_entries(entries);
+                if let Some(last) = fresh.last() {
+                    stream_read_to = last.id.clone();
+                }
+                fresh
+            };
+            for message in fresh {
+                if let Some(v) = message.payload.as_ref().and_then(|p| p["v"].as_i64()) {
+                    if let Ok(id) = message.pkey.parse::<i64>() {
+                        if final_versions.get(&id) == Some(&v) {
+                            present.insert(id, true);
+                        }
+                    }
+                }
+            }
+            if present.len() == final_versions.len() {
+                break;
+            }
+            if started.elapsed() > deadline {
+                println!(
+                    "model: scenario={} seed={}: the agent did not catch up within {deadline:?} ({} of {} rows current)",
+                    self.settings.scenario,
+                    self.seed,
+                    present.len(),
+                    final_versions.len()
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        let agent = self.agent.as_mut().expect("agent");
+        let exit = match agent.exited() {
+            Some(status) => Some(status),
+            None => {
+                agent.sigterm();
+                agent.wait_exit(Duration::from_secs(30)).await
+            }
+        };
+
+        let messages = if from_collection {
+            self.drain().await;
+            std::mem::take(&mut self.collected)
+        } else {
+            let mut conn = self.redis.conn().await;
+            let entries: redis::Value = redis::cmd("XRANGE")
+                .arg(ENTITY)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await
+                .expect("XRANGE");
+            parse_entries(entries)
+        };
+        let (audit, finals) = workload::read_truth(&self.db, &self.tables).await;
+        let timings = self.timings.lock().unwrap().clone();
+        let cycles = self.log.completed_cycles();
+        let counts = checker::check(&audit, &finals, &timings, &messages, &cycles);
+
+        let faults = self
+            .faults
+            .iter()
+            .map(|(kind, n)| format!(" {kind}={n}"))
+            .collect::<String>();
+        let notes = self
+            .notes
+            .iter()
+            .map(|n| format!(" {n}"))
+            .collect::<String>();
+        let line = format!(
+            "model: scenario={} backend={} seed={} faults={}{faults}{notes} {} every={}ms chunk_rows={} {writers}",
+            self.settings.scenario,
+            self.settings.backend.name(),
+            self.seed,
+            self.total_faults(),
+            counts.figures(),
+            self.every_ms,
+            self.chunk_rows,
+        );
+        println!("{line}");
+        println!("model: the agent's log is in {}", self.save_log());
+        let clean = counts.lost == 0
+            && counts.duplicated == 0
+            && counts.out_of_order == 0
+            && counts.phantom == 0
+            && counts.final_mismatch == 0;
+        if clean {
+            self.tables.drop_all(&self.db).await;
+        }
+        Report {
+            line,
+            counts,
+            exit,
+            log_tail: self.log.tail(60),
+        }
+    }
+}
+
+/// XRANGE's reply: (id, field-value pairs) per entry.
+type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
+
+/// XRANGE's reply as messages.
+pub fn parse_entries(reply: redis::Value) -> Vec<Message> {
+    let entries: Entries =
+        redis::FromRedisValue::from_redis_value(&reply).expect("an XRANGE reply");
+    entries
+        .into_iter()
+        .map(|(id, fields)| {
+            let get = |name: &str| {
+                fields
+                    .iter()
+                    .find(|(f, _)| f == name)
+                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            };
+            Message {
+                pkey: get("pkey").expect("pkey field"),
+                epoch: get("epoch")
+                    .expect("epoch field")
+                    .parse()
+                    .expect("epoch is an integer"),
+                variant: get("variant").expect("variant field"),
+                op: get("op").expect("op field"),
+                payload: get("payload").map(|p| serde_json::from_str(&p).expect("payload is JSON")),
+                id,
+            }
+        })
+        .collect()
+}
