@@ -14,7 +14,11 @@ use common::*;
 use serde_json::{json, Value};
 
 const DEADLINE: Duration = Duration::from_secs(20);
-const SAKILA_SCHEMA: &str = "/work/shared/datasets/sakila/mysql-sakila-schema.sql";
+/// The sakila sample schema (BSD, tests/data/sakila/LICENSE).
+const SAKILA_SCHEMA: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/sakila/mysql-sakila-schema.sql"
+);
 
 // ---------------------------------------------------------------------------
 // Setup helpers

@@ -837,7 +837,8 @@ struct SakilaDatabase {
 }
 
 impl SakilaDatabase {
-    const DIR: &'static str = "/work/shared/datasets/sakila";
+    /// The sakila sample (BSD, tests/data/sakila/LICENSE).
+    const DIR: &'static str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/sakila");
 
     fn load() -> SakilaDatabase {
         let db = SakilaDatabase {
