@@ -70,8 +70,6 @@ struct Window<'a> {
     max_epoch: Option<i64>,
     read: u64,
     below_window: u64,
-    /// Rows skipped because `confirmed` knew them.
-    known: u64,
 }
 
 impl Window<'_> {
@@ -90,7 +88,6 @@ impl Window<'_> {
             self.max_epoch = Some(self.max_epoch.map_or(change.epoch, |m| m.max(change.epoch)));
             let pair = version_hash(&change);
             if self.confirmed.binary_search(&pair).is_ok() {
-                self.known += 1;
                 self.next_confirmed.push(pair);
                 continue;
             }
@@ -229,7 +226,6 @@ pub async fn run_cycle(
         max_epoch: None,
         read: 0,
         below_window: 0,
-        known: 0,
     };
     let mut expected_writes = state.writes;
     let mut foreign_writes = false;

@@ -8,7 +8,9 @@ use chrono::{DateTime, NaiveDate, Utc};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, PgValueFormat};
-use sqlx::{Column, ConnectOptions, Either, Executor, Postgres, Row, Statement, TypeInfo, ValueRef};
+use sqlx::{
+    Column, ConnectOptions, Either, Executor, Postgres, Row, Statement, TypeInfo, ValueRef,
+};
 
 use super::placeholder::rewrite_since;
 use super::{
