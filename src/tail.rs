@@ -283,6 +283,31 @@ pub const BLOCK: Duration = Duration::from_millis(1000);
 const RESPONSE_MARGIN: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The connection a follower reads with, opened on first use (and again
+/// after an error cleared `slot`). Its response timeout outlasts the longest
+/// BLOCK, so redis-rs never gives up on a read Redis is still holding.
+async fn blocking_connection(
+    client: &redis::Client,
+    url: &str,
+    slot: &mut Option<MultiplexedConnection>,
+) -> Result<MultiplexedConnection, TailError> {
+    if let Some(conn) = slot {
+        return Ok(conn.clone());
+    }
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(CONNECT_TIMEOUT)
+        .set_response_timeout(BLOCK.max(Duration::from_secs(60)) + RESPONSE_MARGIN);
+    let conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|error| TailError::Connect {
+            url: url.to_owned(),
+            error,
+        })?;
+    *slot = Some(conn.clone());
+    Ok(conn)
+}
+
 /// Reads new entries of some streams, in order per stream, on a dedicated
 /// connection. Its positions only advance over entries it returned, so a
 /// read that is cancelled or fails is simply repeated.
@@ -349,22 +374,7 @@ impl Follower {
     }
 
     async fn connection(&mut self) -> Result<MultiplexedConnection, TailError> {
-        if let Some(conn) = &self.conn {
-            return Ok(conn.clone());
-        }
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(CONNECT_TIMEOUT)
-            .set_response_timeout(BLOCK.max(Duration::from_secs(60)) + RESPONSE_MARGIN);
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(|error| TailError::Connect {
-                url: self.url.clone(),
-                error,
-            })?;
-        self.conn = Some(conn.clone());
-        Ok(conn)
+        blocking_connection(&self.client, &self.url, &mut self.conn).await
     }
 
     /// Returns the entries added since the last read, waiting up to `block`
@@ -524,22 +534,7 @@ impl GroupFollower {
     }
 
     async fn connection(&mut self) -> Result<MultiplexedConnection, TailError> {
-        if let Some(conn) = &self.conn {
-            return Ok(conn.clone());
-        }
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(CONNECT_TIMEOUT)
-            .set_response_timeout(BLOCK.max(Duration::from_secs(60)) + RESPONSE_MARGIN);
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(|error| TailError::Connect {
-                url: self.url.clone(),
-                error,
-            })?;
-        self.conn = Some(conn.clone());
-        Ok(conn)
+        blocking_connection(&self.client, &self.url, &mut self.conn).await
     }
 
     /// The next entries for this consumer, waiting up to `block` (at most a
