@@ -67,7 +67,7 @@ pub async fn once(
         async move {
             let result = async {
                 let prepared = source.prepare(entity).await?;
-                let mut memory = EntityMemory::default();
+                let mut memory = EntityMemory::single_cycle();
                 Ok(run_cycle(entity, source, &prepared, sink, stop, &mut memory).await?)
             }
             .await;

@@ -48,15 +48,89 @@ pub struct EntityMemory {
     /// A cycle of this process found or created the entity's state in Redis.
     pub had_state: bool,
     /// Hashes of (pkey, digest) the last complete cycle confirmed as the
-    /// last emitted version in Redis, sorted. A row whose pair is here is
-    /// skipped without asking Redis: an unchanged re-scan costs no Redis
-    /// command per row. Rebuilt every cycle from that cycle's rows only, so
-    /// a key that went A → B → A is asked about again.
-    confirmed: Vec<u64>,
+    /// last emitted version in Redis. A row whose pair is here is skipped
+    /// without asking Redis: an unchanged re-scan costs no Redis command per
+    /// row. Rebuilt every cycle from that cycle's rows only, so a key that
+    /// went A → B → A is asked about again.
+    confirmed: Confirmed,
     /// The state's write counter when `confirmed` was built; a different
     /// value at cycle start means the state changed behind this process's
     /// back (lost, reset, another agent) and `confirmed` is dropped.
     writes: Option<i64>,
+    /// This process runs one cycle only (`once`): building `confirmed`
+    /// would cost 8 bytes per row for nothing.
+    single_cycle: bool,
+}
+
+impl EntityMemory {
+    /// The memory of a process that runs one cycle and exits: it remembers nothing.
+    pub fn single_cycle() -> EntityMemory {
+        EntityMemory {
+            single_cycle: true,
+            ..EntityMemory::default()
+        }
+    }
+}
+
+/// A set of (pkey, digest) hashes: sorted, plus where each run of equal top
+/// bits starts. A lookup reads the two neighbouring starts and a couple of
+/// adjacent hashes (about two cache misses) where a binary search over
+/// millions of hashes misses the cache a dozen times per row — most of an
+/// unchanged re-scan's CPU. The hashes are XXH3 outputs, so the top bits
+/// spread them evenly; the index costs about 2 bytes per hash.
+#[derive(Debug, Default)]
+struct Confirmed {
+    hashes: Vec<u64>,
+    /// `starts[b]..starts[b + 1]` are the hashes whose top bits equal `b`.
+    starts: Vec<u32>,
+    /// 64 minus the number of top bits indexed.
+    shift: u32,
+}
+
+impl Confirmed {
+    fn new(mut hashes: Vec<u64>) -> Confirmed {
+        // Beyond u32 positions the index cannot point; such a window is
+        // simply not remembered (Redis decides every row, as without memory).
+        if hashes.is_empty() || hashes.len() >= u32::MAX as usize {
+            return Confirmed::default();
+        }
+        hashes.sort_unstable();
+        // About two hashes per bucket.
+        let bits = (usize::BITS - (hashes.len() / 2).leading_zeros()).clamp(1, 32);
+        let shift = 64 - bits;
+        let buckets = 1usize << bits;
+        let mut starts = Vec::with_capacity(buckets + 1);
+        let mut i = 0;
+        for bucket in 0..=buckets {
+            while i < hashes.len() && ((hashes[i] >> shift) as usize) < bucket {
+                i += 1;
+            }
+            starts.push(i as u32);
+        }
+        Confirmed {
+            hashes,
+            starts,
+            shift,
+        }
+    }
+
+    fn contains(&self, hash: u64) -> bool {
+        if self.hashes.is_empty() {
+            return false;
+        }
+        let bucket = (hash >> self.shift) as usize;
+        let from = self.starts[bucket] as usize;
+        let to = self.starts[bucket + 1] as usize;
+        self.hashes[from..to].contains(&hash)
+    }
+
+    fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    fn clear(&mut self) {
+        *self = Confirmed::default();
+    }
 }
 
 /// Reads a window into chunks, skipping rows below the window and rows the
@@ -65,8 +139,12 @@ struct Window<'a> {
     rows: futures_util::stream::BoxStream<'a, Result<Change, SourceError>>,
     since: i64,
     chunk_rows: usize,
-    confirmed: &'a [u64],
+    confirmed: &'a Confirmed,
+    /// Collect `next_confirmed` (not for a single cycle).
+    remember: bool,
     next_confirmed: Vec<u64>,
+    /// Scratch: which rows of the batch being checked the memory knows.
+    known_rows: Vec<bool>,
     max_epoch: Option<i64>,
     read: u64,
     below_window: u64,
@@ -76,30 +154,59 @@ impl Window<'_> {
     /// Fills `chunk` up to `chunk_rows`; `Ok(true)` when the window is exhausted.
     async fn fill(&mut self, chunk: &mut Vec<Change>) -> Result<bool, SourceError> {
         while chunk.len() < self.chunk_rows {
-            let Some(change) = self.rows.next().await else {
+            let unchecked = chunk.len();
+            let mut ended = false;
+            while chunk.len() < self.chunk_rows {
+                let Some(change) = self.rows.next().await else {
+                    ended = true;
+                    break;
+                };
+                let change = change?;
+                self.read += 1;
+                if change.epoch < self.since {
+                    self.below_window += 1;
+                    continue;
+                }
+                self.max_epoch = Some(self.max_epoch.map_or(change.epoch, |m| m.max(change.epoch)));
+                chunk.push(change);
+            }
+            if self.remember && self.confirmed.len() > 0 {
+                self.drop_known(chunk, unchecked);
+            }
+            if ended {
                 return Ok(true);
-            };
-            let change = change?;
-            self.read += 1;
-            if change.epoch < self.since {
-                self.below_window += 1;
-                continue;
             }
-            self.max_epoch = Some(self.max_epoch.map_or(change.epoch, |m| m.max(change.epoch)));
-            let pair = version_hash(&change);
-            if self.confirmed.binary_search(&pair).is_ok() {
-                self.next_confirmed.push(pair);
-                continue;
-            }
-            chunk.push(change);
         }
         Ok(false)
+    }
+
+    /// Removes from `chunk[from..]` the rows the memory knows. The lookups
+    /// run in one loop, independent of each other, so the CPU overlaps
+    /// their cache misses (one lookup between two rows' decoding cannot).
+    fn drop_known(&mut self, chunk: &mut Vec<Change>, from: usize) {
+        self.known_rows.clear();
+        for change in &chunk[from..] {
+            let pair = version_hash(change);
+            let known = self.confirmed.contains(pair);
+            if known {
+                self.next_confirmed.push(pair);
+            }
+            self.known_rows.push(known);
+        }
+        let mut index = 0;
+        chunk.retain(|_| {
+            let keep = index < from || !self.known_rows[index - from];
+            index += 1;
+            keep
+        });
     }
 
     /// After the dedup script applied `chunk`, each row's digest is the last
     /// emitted one of its key (emitted now or before).
     fn confirm(&mut self, chunk: &[Change]) {
-        self.next_confirmed.extend(chunk.iter().map(version_hash));
+        if self.remember {
+            self.next_confirmed.extend(chunk.iter().map(version_hash));
+        }
     }
 }
 
@@ -222,7 +329,17 @@ pub async fn run_cycle(
         since,
         chunk_rows: entity.chunk_rows,
         confirmed: &memory.confirmed,
-        next_confirmed: Vec::new(),
+        remember: !memory.single_cycle,
+        // Sized for a window like the last one (the keys Redis tracks):
+        // no regrowth, and no copy of millions of hashes, while the cycle runs.
+        next_confirmed: Vec::with_capacity(if memory.single_cycle {
+            0
+        } else {
+            let tracked = usize::try_from(state.tracked).unwrap_or(0).min(1 << 26);
+            let expected = memory.confirmed.len().max(tracked);
+            expected + expected / 16
+        }),
+        known_rows: Vec::new(),
         max_epoch: None,
         read: 0,
         below_window: 0,
@@ -281,7 +398,7 @@ pub async fn run_cycle(
     report.rows = window.read;
     report.below_window = window.below_window;
     let max_epoch = window.max_epoch;
-    let mut next_confirmed = std::mem::take(&mut window.next_confirmed);
+    let next_confirmed = std::mem::take(&mut window.next_confirmed);
     drop(window);
     if foreign_writes || report.interrupted {
         // Someone else wrote this entity's state meanwhile (or the cycle is
@@ -289,8 +406,7 @@ pub async fn run_cycle(
         memory.confirmed.clear();
         memory.writes = None;
     } else {
-        next_confirmed.sort_unstable();
-        memory.confirmed = next_confirmed;
+        memory.confirmed = Confirmed::new(next_confirmed);
         memory.writes = Some(expected_writes);
     }
     report.skipped = report.rows - report.below_window - report.emitted;
