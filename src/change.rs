@@ -283,11 +283,12 @@ pub fn write_json(value: &Value<'_>, out: &mut String) {
         Value::Null => out.push_str("null"),
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
         Value::Int(i) => {
-            let _ = write!(out, "{i}");
+            if *i < 0 {
+                out.push('-');
+            }
+            push_decimal(out, i.unsigned_abs());
         }
-        Value::UInt(u) => {
-            let _ = write!(out, "{u}");
-        }
+        Value::UInt(u) => push_decimal(out, *u),
         Value::Float(f) if f.is_finite() => {
             let _ = write!(out, "{f}");
         }
@@ -309,7 +310,7 @@ pub fn write_json(value: &Value<'_>, out: &mut String) {
         }
         Value::Timestamp(us) => {
             out.push('"');
-            out.push_str(&format_timestamp(*us));
+            write_timestamp(*us, out);
             out.push('"');
         }
         Value::Date(d) => {
@@ -318,18 +319,164 @@ pub fn write_json(value: &Value<'_>, out: &mut String) {
     }
 }
 
+/// Appends `s` as a JSON string, escaped byte for byte as serde_json does
+/// (`\"`, `\\`, `\b \f \n \r \t`, other control characters as `\u00xx`),
+/// so digests stay what they were; without serde_json's intermediate String,
+/// which cost an allocation per text column of every row.
 fn write_json_string(s: &str, out: &mut String) {
-    // serde_json escapes exactly what JSON requires; writing into a String cannot fail.
-    if let Ok(quoted) = serde_json::to_string(s) {
-        out.push_str(&quoted);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(s.len() + 2);
+    out.push('"');
+    let bytes = s.as_bytes();
+    // Skip whole 8-byte words that need no escape (most text): a word test
+    // instead of eight byte tests.
+    let mut clean_words = 0;
+    while clean_words + 8 <= bytes.len() {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&bytes[clean_words..clean_words + 8]);
+        if needs_escape(u64::from_le_bytes(word)) {
+            break;
+        }
+        clean_words += 8;
     }
+    let mut clean = 0;
+    for (i, &byte) in bytes.iter().enumerate().skip(clean_words) {
+        let short = match byte {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        // Every byte escaped is ASCII, so `i` is on a character boundary.
+        out.push_str(&s[clean..i]);
+        if short.is_empty() {
+            out.push_str("\\u00");
+            out.push(HEX[usize::from(byte >> 4)] as char);
+            out.push(HEX[usize::from(byte & 0xf)] as char);
+        } else {
+            out.push_str(short);
+        }
+        clean = i + 1;
+    }
+    out.push_str(&s[clean..]);
+    out.push('"');
+}
+
+/// Does any byte of the word need a JSON escape: below 0x20, `"` or `\\`?
+/// (The classic "has a byte less than n / equal to c" bit tricks: exact as
+/// to whether any byte matches.)
+fn needs_escape(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let below_space = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
+    let quote = word ^ (ONES * u64::from(b'"'));
+    let backslash = word ^ (ONES * u64::from(b'\\'));
+    let has_quote = quote.wrapping_sub(ONES) & !quote & HIGH;
+    let has_backslash = backslash.wrapping_sub(ONES) & !backslash & HIGH;
+    below_space | has_quote | has_backslash != 0
 }
 
 /// RFC 3339 in UTC, with as many fractional digits as needed (0, 3 or 6).
 pub fn format_timestamp(micros: i64) -> String {
-    match DateTime::<Utc>::from_timestamp_micros(micros) {
-        Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
-        None => micros.to_string(),
+    let mut out = String::with_capacity(27);
+    write_timestamp(micros, &mut out);
+    out
+}
+
+/// Appends [`format_timestamp`]'s text without allocating: every row's
+/// cursor goes through here.
+pub fn write_timestamp(micros: i64, out: &mut String) {
+    const DAY_US: i64 = 86_400_000_000;
+    let (year, month, day) = civil_from_days(micros.div_euclid(DAY_US));
+    if !(0..=9999).contains(&year) {
+        // chrono's own forms for years outside four digits (+10000, -0001)
+        // and for instants it cannot represent.
+        match DateTime::<Utc>::from_timestamp_micros(micros) {
+            Some(t) => out.push_str(&t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
+            None => {
+                let _ = write!(out, "{micros}");
+            }
+        }
+        return;
+    }
+    let of_day = micros.rem_euclid(DAY_US);
+    let seconds = (of_day / 1_000_000) as u32;
+    let micro = (of_day % 1_000_000) as u32;
+    push_digits(out, year as u32, 4);
+    out.push('-');
+    push_digits(out, month, 2);
+    out.push('-');
+    push_digits(out, day, 2);
+    out.push('T');
+    push_digits(out, seconds / 3600, 2);
+    out.push(':');
+    push_digits(out, seconds / 60 % 60, 2);
+    out.push(':');
+    push_digits(out, seconds % 60, 2);
+    if micro % 1000 == 0 && micro != 0 {
+        out.push('.');
+        push_digits(out, micro / 1000, 3);
+    } else if micro != 0 {
+        out.push('.');
+        push_digits(out, micro, 6);
+    }
+    out.push('Z');
+}
+
+/// Year, month, day of a day number (days since 1970-01-01) in the
+/// proleptic Gregorian calendar (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = (day_of_year - (153 * shifted_month + 2) / 5 + 1) as u32;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    } as u32;
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Appends an integer's decimal digits (what `write!` does, without the
+/// formatting machinery: every row has a few).
+fn push_decimal(out: &mut String, value: u64) {
+    let mut buf = [0u8; 20];
+    let mut rest = value;
+    let mut start = buf.len();
+    loop {
+        start -= 1;
+        buf[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    for &digit in &buf[start..] {
+        out.push(char::from(digit));
+    }
+}
+
+/// Appends `value` as exactly `width` (at most 6) decimal digits, zero-padded.
+fn push_digits(out: &mut String, value: u32, width: usize) {
+    let mut buf = [b'0'; 6];
+    let mut rest = value;
+    for slot in buf[..width].iter_mut().rev() {
+        *slot = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    for &digit in &buf[..width] {
+        out.push(char::from(digit));
     }
 }
 
@@ -573,6 +720,88 @@ mod tests {
             Some(utc - 12 * 3_600_000_000)
         );
         assert_eq!(parse_text_time("yesterday", chrono_tz::UTC), None);
+    }
+
+    #[test]
+    fn json_strings_are_escaped_as_serde_json_does() {
+        let mut samples: Vec<String> = (0u8..=0x7f).map(|b| (b as char).to_string()).collect();
+        samples.extend(
+            [
+                "",
+                "plain",
+                "a \"quoted\" \\ path\n\ttab",
+                "\u{7f} del, é, 漢字, 🦀",
+                "\u{1}\u{1f}end",
+            ]
+            .map(String::from),
+        );
+        for sample in samples {
+            let mut out = String::from("x");
+            write_json_string(&sample, &mut out);
+            assert_eq!(
+                out[1..],
+                serde_json::to_string(&sample).unwrap(),
+                "{sample:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn integers_read_as_display_writes_them() {
+        for i in [0, 1, -1, 9, 10, -10, 1234567890, i64::MIN, i64::MAX] {
+            let mut out = String::new();
+            write_json(&Value::Int(i), &mut out);
+            assert_eq!(out, i.to_string());
+        }
+        let mut out = String::new();
+        write_json(&Value::UInt(u64::MAX), &mut out);
+        assert_eq!(out, u64::MAX.to_string());
+    }
+
+    #[test]
+    fn long_strings_with_escapes_at_any_offset_match_serde_json() {
+        for special in ["\"", "\\", "\n", "\u{1f}", "\u{0}", "é"] {
+            for at in 0..20 {
+                let text = format!("{}{special}{}", "a".repeat(at), "b".repeat(19 - at));
+                let mut out = String::new();
+                write_json_string(&text, &mut out);
+                assert_eq!(out, serde_json::to_string(&text).unwrap(), "{text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn timestamps_read_as_chrono_writes_them() {
+        let chrono_form = |us: i64| {
+            DateTime::<Utc>::from_timestamp_micros(us)
+                .unwrap()
+                .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+        };
+        for us in [
+            0,
+            1,
+            999,
+            1_000,
+            1_000_000,
+            1_700_000_000_123_456,
+            1_700_000_000_123_000,
+            1_700_000_000_000_000,
+            -1,
+            -1_000,
+            -62_135_596_800_000_000,
+            253_402_300_799_999_999,
+            253_402_300_800_000_000,
+            -62_135_596_800_000_001,
+        ] {
+            assert_eq!(format_timestamp(us), chrono_form(us), "{us}");
+        }
+        // Years 0000 to 9999, at odd steps (every month, day and time of day).
+        let mut us = -62_167_219_200_000_000i64;
+        while us < 253_402_300_800_000_000 {
+            assert_eq!(format_timestamp(us), chrono_form(us), "{us}");
+            assert_eq!(format_timestamp(us + 123_000), chrono_form(us + 123_000));
+            us += 98_765_432_101_234;
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ mod sqlite;
 use std::time::Duration;
 
 use futures_util::stream::BoxStream;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 
 use crate::change::{Change, RowError, RowShape};
 use crate::config::{mask_url, Backend, CursorKind, EntitySettings, SourceSettings};
@@ -388,7 +388,14 @@ impl Source {
         // Each wait is bounded; after a timeout or an error the stream ends.
         let stream = futures_util::stream::unfold(Some((rows, 0u64)), move |state| async move {
             let (mut rows, number) = state?;
-            let item = match tokio::time::timeout(timeout, rows.next()).await {
+            // Most rows are already buffered: take them without arming a
+            // timer (a clock read and a timer entry per row); only a real
+            // wait for the database is bounded.
+            let next = match rows.next().now_or_never() {
+                Some(next) => Ok(next),
+                None => tokio::time::timeout(timeout, rows.next()).await,
+            };
+            let item = match next {
                 Err(_) => Err(SourceError::Timeout {
                     source_name: self.name.clone(),
                     timeout,
@@ -472,6 +479,15 @@ pub(crate) fn epoch_secs(epoch: i64) -> i64 {
 /// the same (0.1f32 is "0.1", not 0.10000000149011612).
 pub(crate) fn widen_f32(x: f32) -> f64 {
     x.to_string().parse().unwrap_or(f64::from(x))
+}
+
+/// An emptied vector of values, its allocation kept for values that borrow
+/// from another row (nothing is moved: the vector is empty).
+pub(crate) fn recycle<'b>(
+    mut values: Vec<crate::change::Value<'_>>,
+) -> Vec<crate::change::Value<'b>> {
+    values.clear();
+    values.into_iter().filter_map(|_| None).collect()
 }
 
 /// Bytes as text when they are UTF-8, else as bytes (base64 in JSON).

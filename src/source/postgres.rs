@@ -144,14 +144,19 @@ pub(super) fn changes<'a>(
         query = bind(query, prepared.since, since, tz);
     }
     let mut json = String::new();
+    // One allocation for every row's values, not one per row.
+    let mut spare: Vec<Value<'static>> = Vec::with_capacity(prepared.columns.len());
     query
         .fetch(pool)
         .map(move |row| {
             let row = row?;
-            let values = (0..prepared.columns.len())
-                .map(|i| decode(&row, i, prepared.columns[i], tz))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(prepared.shape.build(&values, &mut json))
+            let mut values = super::recycle(std::mem::take(&mut spare));
+            for (i, &decoder) in prepared.columns.iter().enumerate() {
+                values.push(decode(&row, i, decoder, tz)?);
+            }
+            let change = prepared.shape.build(&values, &mut json);
+            spare = super::recycle(values);
+            Ok(change)
         })
         .boxed()
 }
