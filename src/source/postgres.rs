@@ -24,12 +24,18 @@ const PG_EPOCH_US: i64 = 946_684_800_000_000;
 /// The earliest time bound for `start = "beginning"`: 0001-01-01 UTC.
 const FLOOR_US: i64 = -62_135_596_800_000_000;
 
+/// Prepared statements each pooled connection keeps. Every entity's query
+/// is one; with sqlx's default of 100, a source with more entities than that
+/// re-prepares (parses, plans, describes) its queries on every cycle.
+const STATEMENT_CACHE_CAPACITY: usize = 1024;
+
 pub(super) fn pool(settings: &SourceSettings) -> Result<PgPool, sqlx::Error> {
     // sqlx would log every statement (and slow ones as warnings, with the
     // full SQL): highwater logs its own cycle lines instead.
     let options = PgConnectOptions::from_str(&settings.url)?
         .application_name("highwater")
-        .disable_statement_logging();
+        .disable_statement_logging()
+        .statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .min_connections(0)
