@@ -324,12 +324,21 @@ impl Sink {
         chunk: &[Change],
         expect_state: bool,
     ) -> Result<(u64, i64), SinkError> {
-        let mut invocation = self.dedup.prepare_invoke();
-        invocation
-            .key(&keys.seen)
-            .key(&keys.digest)
-            .key(&keys.stream)
-            .key(&keys.state)
+        // EVALSHA built as one command: every argument goes straight into
+        // the command's single buffer. (A `ScriptInvocation` allocates each
+        // argument on its own and copies them all into a command again.)
+        let bytes: usize = chunk
+            .iter()
+            .map(|c| c.pkey.len() + c.payload.as_ref().map_or(0, String::len) + 48)
+            .sum();
+        let mut cmd = redis::Cmd::with_capacity(11 + 5 * chunk.len(), 256 + bytes);
+        cmd.arg("EVALSHA")
+            .arg(self.dedup.get_hash())
+            .arg(4)
+            .arg(&keys.seen)
+            .arg(&keys.digest)
+            .arg(&keys.stream)
+            .arg(&keys.state)
             .arg(entity.max_stream_length)
             .arg(&entity.variant)
             .arg(if entity.payload == crate::config::PayloadMode::Row {
@@ -340,23 +349,28 @@ impl Sink {
             .arg(if expect_state { "1" } else { "0" });
         let mut digest = [0u8; 16];
         for change in chunk {
-            invocation
-                .arg(&change.pkey)
+            cmd.arg(&change.pkey)
                 .arg(change.epoch)
                 .arg(hex16(change.digest, &mut digest))
                 .arg(change.op.as_str())
                 .arg(change.payload.as_deref().unwrap_or(""));
         }
         let mut conn = self.conn.clone();
-        let applied: Option<(u64, i64)> =
-            invocation
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|error| SinkError::Command {
-                    entity: entity.name.clone(),
-                    action: "the dedup script",
-                    error,
-                })?;
+        let applied: Option<(u64, i64)> = match cmd.query_async(&mut conn).await {
+            // Redis restarted and forgot the script: load it, send again.
+            Err(error) if error.kind() == redis::ErrorKind::NoScriptError => {
+                match self.dedup.prepare_invoke().load_async(&mut conn).await {
+                    Ok(_) => cmd.query_async(&mut conn).await,
+                    Err(error) => Err(error),
+                }
+            }
+            other => other,
+        }
+        .map_err(|error| SinkError::Command {
+            entity: entity.name.clone(),
+            action: "the dedup script",
+            error,
+        })?;
         applied.ok_or_else(|| SinkError::StateVanished {
             entity: entity.name.clone(),
             action: "the dedup script",
