@@ -446,7 +446,9 @@ async fn database_unreachable_for_a_while_loses_and_duplicates_nothing() {
         tokio::time::sleep(delay).await;
         let from = run.log.len();
         run.proxy().set(Link::Refusing);
-        let outage = run.random_ms(1000, 4000);
+        // Longer than the source timeout (2 s): the pool's wait for a new
+        // connection cannot bridge it, so a cycle must fail and back off.
+        let outage = run.random_ms(2500, 4000);
         tokio::time::sleep(outage).await;
         run.proxy().set(Link::Up);
         run.count_fault("db_refused");
