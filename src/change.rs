@@ -418,7 +418,7 @@ pub fn write_timestamp(micros: i64, out: &mut String) {
     push_digits(out, seconds / 60 % 60, 2);
     out.push(':');
     push_digits(out, seconds % 60, 2);
-    if micro % 1000 == 0 && micro != 0 {
+    if micro.is_multiple_of(1000) && micro != 0 {
         out.push('.');
         push_digits(out, micro / 1000, 3);
     } else if micro != 0 {

@@ -483,6 +483,10 @@ pub(crate) fn widen_f32(x: f32) -> f64 {
 
 /// An emptied vector of values, its allocation kept for values that borrow
 /// from another row (nothing is moved: the vector is empty).
+#[allow(
+    clippy::unnecessary_filter_map,
+    reason = "the map changes the values' lifetime, which `filter` cannot"
+)]
 pub(crate) fn recycle<'b>(
     mut values: Vec<crate::change::Value<'_>>,
 ) -> Vec<crate::change::Value<'b>> {
