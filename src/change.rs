@@ -167,6 +167,11 @@ impl RowShape {
         self.cursor
     }
 
+    /// The cursor's epoch, if `value` (the cursor column's) holds one.
+    pub fn cursor_epoch(&self, value: &Value<'_>) -> Option<i64> {
+        cursor_epoch(value, self.cursor_kind, self.timezone).ok()
+    }
+
     /// Turns one decoded row into a change. `json` is scratch space reused across rows.
     pub fn build(&self, values: &[Value<'_>], json: &mut String) -> Result<Change, RowError> {
         json.clear();

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use crate::change::Change;
 use crate::config::{CursorKind, EntitySettings, OnStateLoss, Start};
 use crate::sink::{CycleFigures, Sink, SinkError};
-use crate::source::{Prepared, Source, SourceError, BEGINNING};
+use crate::source::{Prepared, RawRow, Scratch, Source, SourceError, BEGINNING};
 
 /// Why a cycle failed.
 #[derive(Debug, thiserror::Error)]
@@ -47,11 +47,11 @@ const LOSS_EVIDENCE_DEPTH: usize = 1000;
 pub struct EntityMemory {
     /// A cycle of this process found or created the entity's state in Redis.
     pub had_state: bool,
-    /// Hashes of (pkey, digest) the last complete cycle confirmed as the
-    /// last emitted version in Redis. A row whose pair is here is skipped
-    /// without asking Redis: an unchanged re-scan costs no Redis command per
-    /// row. Rebuilt every cycle from that cycle's rows only, so a key that
-    /// went A → B → A is asked about again.
+    /// Fingerprints of the rows the last complete cycle confirmed as the
+    /// last emitted version of their key in Redis. A row whose fingerprint
+    /// is here is skipped without being decoded or sent: an unchanged
+    /// re-scan costs no Redis command per row. Rebuilt every cycle from that
+    /// cycle's rows only, so a key that went A → B → A is asked about again.
     confirmed: Confirmed,
     /// The state's write counter when `confirmed` was built; a different
     /// value at cycle start means the state changed behind this process's
@@ -72,7 +72,7 @@ impl EntityMemory {
     }
 }
 
-/// A set of (pkey, digest) hashes: sorted, plus where each run of equal top
+/// A set of row fingerprints: sorted, plus where each run of equal top
 /// bits starts. A lookup reads the two neighbouring starts and a couple of
 /// adjacent hashes (about two cache misses) where a binary search over
 /// millions of hashes misses the cache a dozen times per row — most of an
@@ -133,18 +133,51 @@ impl Confirmed {
     }
 }
 
+/// Rows for the dedup script, with the fingerprint each was read with.
+struct Chunk {
+    changes: Vec<Change>,
+    fingerprints: Vec<u64>,
+}
+
+impl Chunk {
+    fn with_capacity(rows: usize) -> Chunk {
+        Chunk {
+            changes: Vec::with_capacity(rows),
+            fingerprints: Vec::with_capacity(rows),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.changes.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    fn push(&mut self, change: Change, fingerprint: u64) {
+        self.changes.push(change);
+        self.fingerprints.push(fingerprint);
+    }
+}
+
 /// Reads a window into chunks, skipping rows below the window and rows the
-/// agent's memory confirms as already emitted.
+/// agent's memory confirms as already emitted; only the rest are decoded.
 struct Window<'a> {
-    rows: futures_util::stream::BoxStream<'a, Result<Change, SourceError>>,
+    source: &'a Source,
+    prepared: &'a Prepared,
+    rows: futures_util::stream::BoxStream<'a, Result<RawRow, SourceError>>,
     since: i64,
     chunk_rows: usize,
     confirmed: &'a Confirmed,
     /// Collect `next_confirmed` (not for a single cycle).
     remember: bool,
     next_confirmed: Vec<u64>,
-    /// Scratch: which rows of the batch being checked the memory knows.
+    /// Rows read and not yet sorted (kept to reuse the allocation).
+    pending: Vec<RawRow>,
+    /// Scratch: which of `pending` the memory knows.
     known_rows: Vec<bool>,
+    scratch: Scratch,
     max_epoch: Option<i64>,
     read: u64,
     below_window: u64,
@@ -152,27 +185,29 @@ struct Window<'a> {
 
 impl Window<'_> {
     /// Fills `chunk` up to `chunk_rows`; `Ok(true)` when the window is exhausted.
-    async fn fill(&mut self, chunk: &mut Vec<Change>) -> Result<bool, SourceError> {
+    async fn fill(&mut self, chunk: &mut Chunk) -> Result<bool, SourceError> {
         while chunk.len() < self.chunk_rows {
-            let unchecked = chunk.len();
+            let wanted = self.chunk_rows - chunk.len();
+            let mut pending = std::mem::take(&mut self.pending);
             let mut ended = false;
-            while chunk.len() < self.chunk_rows {
-                let Some(change) = self.rows.next().await else {
+            while pending.len() < wanted {
+                let Some(row) = self.rows.next().await else {
                     ended = true;
                     break;
                 };
-                let change = change?;
-                self.read += 1;
-                if change.epoch < self.since {
-                    self.below_window += 1;
-                    continue;
+                match row {
+                    Ok(row) => pending.push(row),
+                    Err(error) => {
+                        pending.clear();
+                        self.pending = pending;
+                        return Err(error);
+                    }
                 }
-                self.max_epoch = Some(self.max_epoch.map_or(change.epoch, |m| m.max(change.epoch)));
-                chunk.push(change);
             }
-            if self.remember && self.confirmed.len() > 0 {
-                self.drop_known(chunk, unchecked);
-            }
+            self.read += pending.len() as u64;
+            let sorted = self.sort(&mut pending, chunk);
+            self.pending = pending;
+            sorted?;
             if ended {
                 return Ok(true);
             }
@@ -180,39 +215,56 @@ impl Window<'_> {
         Ok(false)
     }
 
-    /// Removes from `chunk[from..]` the rows the memory knows. The lookups
-    /// run in one loop, independent of each other, so the CPU overlaps
-    /// their cache misses (one lookup between two rows' decoding cannot).
-    fn drop_known(&mut self, chunk: &mut Vec<Change>, from: usize) {
+    /// Empties `rows` into: rows below the window (counted, ignored), rows
+    /// the memory knows (remembered again, not decoded) and the rest
+    /// (decoded into `chunk`). The memory lookups run in one loop,
+    /// independent of each other, so the CPU overlaps their cache misses.
+    fn sort(&mut self, rows: &mut Vec<RawRow>, chunk: &mut Chunk) -> Result<(), SourceError> {
         self.known_rows.clear();
-        for change in &chunk[from..] {
-            let pair = version_hash(change);
-            let known = self.confirmed.contains(pair);
-            if known {
-                self.next_confirmed.push(pair);
-            }
-            self.known_rows.push(known);
+        if self.remember && self.confirmed.len() > 0 {
+            self.known_rows.extend(
+                rows.iter()
+                    .map(|row| self.confirmed.contains(row.fingerprint)),
+            );
+        } else {
+            self.known_rows.resize(rows.len(), false);
         }
-        let mut index = 0;
-        chunk.retain(|_| {
-            let keep = index < from || !self.known_rows[index - from];
-            index += 1;
-            keep
-        });
+        for (row, &known) in rows.drain(..).zip(&self.known_rows) {
+            let fingerprint = row.fingerprint;
+            // A row whose cursor did not decode is decoded in full, which
+            // reports why.
+            let epoch = match row.epoch {
+                Some(epoch) if epoch < self.since => {
+                    self.below_window += 1;
+                    continue;
+                }
+                Some(epoch) if known => {
+                    self.next_confirmed.push(fingerprint);
+                    epoch
+                }
+                _ => {
+                    let change = self.source.decode(self.prepared, row, &mut self.scratch)?;
+                    if change.epoch < self.since {
+                        self.below_window += 1;
+                        continue;
+                    }
+                    let epoch = change.epoch;
+                    chunk.push(change, fingerprint);
+                    epoch
+                }
+            };
+            self.max_epoch = Some(self.max_epoch.map_or(epoch, |m| m.max(epoch)));
+        }
+        Ok(())
     }
 
     /// After the dedup script applied `chunk`, each row's digest is the last
     /// emitted one of its key (emitted now or before).
-    fn confirm(&mut self, chunk: &[Change]) {
+    fn confirm(&mut self, chunk: &Chunk) {
         if self.remember {
-            self.next_confirmed.extend(chunk.iter().map(version_hash));
+            self.next_confirmed.extend(&chunk.fingerprints);
         }
     }
-}
-
-/// One 64-bit value for (pkey, digest).
-fn version_hash(change: &Change) -> u64 {
-    xxhash_rust::xxh3::xxh3_64_with_seed(change.pkey.as_bytes(), change.digest)
 }
 
 /// What one cycle did.
@@ -325,6 +377,8 @@ pub async fn run_cycle(
         memory.confirmed.clear();
     }
     let mut window = Window {
+        source,
+        prepared,
         rows: source.changes(prepared, since),
         since,
         chunk_rows: entity.chunk_rows,
@@ -339,7 +393,9 @@ pub async fn run_cycle(
             let expected = memory.confirmed.len().max(tracked);
             expected + expected / 16
         }),
+        pending: Vec::with_capacity(entity.chunk_rows),
         known_rows: Vec::new(),
+        scratch: Scratch::default(),
         max_epoch: None,
         read: 0,
         below_window: 0,
@@ -350,21 +406,21 @@ pub async fn run_cycle(
     // that a loss during the cycle is not recreated as a fresh state.
     let mut expect_state = state.exists;
     let mut chunks = 0u64;
-    let mut current = Vec::with_capacity(entity.chunk_rows);
+    let mut current = Chunk::with_capacity(entity.chunk_rows);
     let mut progress = crate::progress::CycleProgress::start(&entity.name);
     let mut ended = window.fill(&mut current).await?;
     // One chunk in flight in Redis while the next one is read and decoded.
     while !current.is_empty() {
-        let mut next = Vec::with_capacity(if ended { 0 } else { entity.chunk_rows });
+        let mut next = Chunk::with_capacity(if ended { 0 } else { entity.chunk_rows });
         let (applied, filled) = if ended {
             (
-                sink.apply_chunk(entity, &keys, &current, expect_state)
+                sink.apply_chunk(entity, &keys, &current.changes, expect_state)
                     .await,
                 Ok(true),
             )
         } else {
             tokio::join!(
-                sink.apply_chunk(entity, &keys, &current, expect_state),
+                sink.apply_chunk(entity, &keys, &current.changes, expect_state),
                 window.fill(&mut next)
             )
         };

@@ -3,22 +3,28 @@
 //! A [`Source`] promises three things: the database's own clock
 //! ([`Source::now`]), a [`Prepared`] query per entity whose columns were
 //! checked once (key, cursor, types), and the window's rows streamed one at a
-//! time as [`Change`]s, never all in memory. Each backend decodes its own
+//! time, never all in memory: each as a fingerprinted [`RawRow`], decoded
+//! into a [`Change`] only when the agent does not know it already. Each backend decodes its own
 //! types (sqlx's `Any` driver cannot decode timestamps, numerics, UUIDs or
 //! JSON); types highwater does not know are sent as their text form.
 
 mod mysql;
 pub mod placeholder;
 mod postgres;
+mod row;
 mod sqlite;
 
-use std::time::Duration;
+pub use row::{RawRow, Scratch};
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
 
 use crate::change::{Change, RowError, RowShape};
 use crate::config::{mask_url, Backend, CursorKind, EntitySettings, SourceSettings};
+use row::DecodeError;
 
 /// An error from a source, with the source and entity it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +93,9 @@ fn is_transient_sqlx(error: &sqlx::Error) -> bool {
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => true,
+        // The retry runs on connections opened after the change (see
+        // `Statements`), so it describes and prepares the query afresh.
+        error if is_stale_statement(error) => true,
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
             match db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
@@ -111,6 +120,64 @@ fn is_transient_sqlx(error: &sqlx::Error) -> bool {
         }
         _ => false,
     }
+}
+
+/// A prepared statement the server refuses because the tables under it
+/// changed: PostgreSQL's "cached plan must not change result type" (a column
+/// added, renamed or retyped under `SELECT *`), MySQL's "needs to be
+/// re-prepared".
+fn is_stale_statement(error: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = error else {
+        return false;
+    };
+    if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        return my.number() == 1615;
+    }
+    db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some_and(|pg| pg.code() == "0A000")
+}
+
+/// The generation of a source's prepared statements. Each pooled connection
+/// caches the statements it prepared, with the columns they returned then;
+/// after a schema change the server refuses them, and sqlx would go on
+/// describing the query from that cache. Marking the statements stale makes
+/// the pool close every connection opened before, instead of lending it out.
+#[derive(Debug, Default)]
+pub(crate) struct Statements {
+    stale_since: Mutex<Option<Instant>>,
+}
+
+impl Statements {
+    fn mark_stale(&self) {
+        *self.stale_since.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// May a connection opened `age` ago be lent out?
+    fn is_current(&self, age: Duration) -> bool {
+        match *self.stale_since.lock().unwrap_or_else(|e| e.into_inner()) {
+            None => true,
+            Some(stale) => Instant::now()
+                .checked_sub(age)
+                .is_some_and(|opened| opened > stale),
+        }
+    }
+}
+
+/// Pool settings every backend shares: lazy, bounded, and never lending a
+/// connection whose statements went stale.
+pub(crate) fn pool_options<DB: sqlx::Database>(
+    settings: &SourceSettings,
+    statements: &Arc<Statements>,
+) -> sqlx::pool::PoolOptions<DB> {
+    let statements = Arc::clone(statements);
+    sqlx::pool::PoolOptions::new()
+        .max_connections(settings.max_connections)
+        .min_connections(0)
+        .acquire_timeout(settings.timeout)
+        .before_acquire(move |_, meta| {
+            let current = statements.is_current(meta.age);
+            Box::pin(async move { Ok(current) })
+        })
 }
 
 /// How the `:since` value is bound: decided once per entity from what the
@@ -149,6 +216,11 @@ pub struct Prepared {
     pub(crate) columns: Vec<ColumnDecoder>,
     /// Column type names as the database reported them (for `check`).
     pub column_types: Vec<String>,
+    /// Identifies how this query's rows turn into changes (SQL, columns,
+    /// types, decoders, key, cursor, payload options, time zone): it seeds
+    /// the rows' fingerprints, so a fingerprint taken under another layout
+    /// (a table altered, a config changed) never matches.
+    pub layout: u64,
 }
 
 /// How one column decodes into a [`crate::change::Value`].
@@ -198,6 +270,7 @@ pub struct Source {
     pub backend: Backend,
     masked_url: String,
     pool: Pool,
+    statements: Arc<Statements>,
     timezone: chrono_tz::Tz,
     timeout: Duration,
 }
@@ -215,16 +288,22 @@ impl Source {
             url: masked_url.clone(),
             error,
         };
+        let statements = Arc::new(Statements::default());
         let pool = match settings.backend {
-            Backend::Postgres => Pool::Postgres(postgres::pool(settings).map_err(url_error)?),
-            Backend::MySql => Pool::MySql(mysql::pool(settings).map_err(url_error)?),
-            Backend::Sqlite => Pool::Sqlite(sqlite::pool(settings).map_err(url_error)?),
+            Backend::Postgres => {
+                Pool::Postgres(postgres::pool(settings, &statements).map_err(url_error)?)
+            }
+            Backend::MySql => Pool::MySql(mysql::pool(settings, &statements).map_err(url_error)?),
+            Backend::Sqlite => {
+                Pool::Sqlite(sqlite::pool(settings, &statements).map_err(url_error)?)
+            }
         };
         Ok(Source {
             name: settings.name.clone(),
             backend: settings.backend,
             masked_url,
             pool,
+            statements,
             timezone: settings.timezone,
             timeout: settings.timeout,
         })
@@ -353,7 +432,15 @@ impl Source {
                 entity.cursor, described.types[cursor]
             )));
         }
+        let layout = xxhash_rust::xxh3::xxh3_64(
+            format!(
+                "{:?}|{:?}|{:?}|{:?}|{:?}",
+                described.sql, described.types, described.decoders, shape, self.timezone
+            )
+            .as_bytes(),
+        );
         Ok(Prepared {
+            layout,
             entity: entity.name.clone(),
             origin: entity.query_origin.clone(),
             sql: described.sql,
@@ -365,20 +452,14 @@ impl Source {
         })
     }
 
-    /// Streams the window's rows as changes. `since` is the window's start
-    /// epoch ([`BEGINNING`] for everything). Each wait for the next row is
-    /// bounded by the source's timeout.
+    /// Streams the window's rows, fingerprinted but not decoded. `since` is
+    /// the window's start epoch ([`BEGINNING`] for everything). Each wait for
+    /// the next row is bounded by the source's timeout.
     pub fn changes<'a>(
         &'a self,
         prepared: &'a Prepared,
         since: i64,
-    ) -> BoxStream<'a, Result<Change, SourceError>> {
-        let query_error = move |error| SourceError::Query {
-            entity: prepared.entity.clone(),
-            source_name: self.name.clone(),
-            origin: prepared.origin.clone(),
-            error,
-        };
+    ) -> BoxStream<'a, Result<RawRow, SourceError>> {
         let rows = match &self.pool {
             Pool::Postgres(pool) => postgres::changes(pool, prepared, since, self.timezone),
             Pool::MySql(pool) => mysql::changes(pool, prepared, since, self.timezone),
@@ -401,13 +482,16 @@ impl Source {
                     timeout,
                 }),
                 Ok(None) => return None,
-                Ok(Some(Err(error))) => Err(query_error(error)),
-                Ok(Some(Ok(Err(error)))) => Err(SourceError::Row {
-                    entity: prepared.entity.clone(),
-                    row: number + 1,
-                    error,
+                Ok(Some(Err(error))) => {
+                    if is_stale_statement(&error) {
+                        self.statements.mark_stale();
+                    }
+                    Err(self.query_error(prepared, error))
+                }
+                Ok(Some(Ok(row))) => Ok(RawRow {
+                    number: number + 1,
+                    ..row
                 }),
-                Ok(Some(Ok(Ok(change)))) => Ok(change),
             };
             let next = if item.is_ok() {
                 Some((rows, number + 1))
@@ -417,6 +501,34 @@ impl Source {
             Some((item, next))
         });
         Box::pin(stream)
+    }
+
+    /// Decodes a row of [`Source::changes`] into its change.
+    pub fn decode(
+        &self,
+        prepared: &Prepared,
+        row: RawRow,
+        scratch: &mut Scratch,
+    ) -> Result<Change, SourceError> {
+        let number = row.number;
+        row.decode(prepared, self.timezone, scratch)
+            .map_err(|error| match error {
+                DecodeError::Driver(error) => self.query_error(prepared, error),
+                DecodeError::Row(error) => SourceError::Row {
+                    entity: prepared.entity.clone(),
+                    row: number,
+                    error,
+                },
+            })
+    }
+
+    fn query_error(&self, prepared: &Prepared, error: sqlx::Error) -> SourceError {
+        SourceError::Query {
+            entity: prepared.entity.clone(),
+            source_name: self.name.clone(),
+            origin: prepared.origin.clone(),
+            error,
+        }
     }
 
     async fn timed<T>(&self, work: impl std::future::Future<Output = T>) -> Result<T, SourceError> {
@@ -467,9 +579,6 @@ pub(crate) struct Described {
     time_binding: Option<SinceBinding>,
 }
 
-/// One row from a backend: a change, a row-level problem, or a SQL error.
-pub(crate) type RowResult = Result<Result<Change, RowError>, sqlx::Error>;
-
 /// Floor of an epoch for a bind in whole seconds.
 pub(crate) fn epoch_secs(epoch: i64) -> i64 {
     epoch.div_euclid(1_000_000)
@@ -479,19 +588,6 @@ pub(crate) fn epoch_secs(epoch: i64) -> i64 {
 /// the same (0.1f32 is "0.1", not 0.10000000149011612).
 pub(crate) fn widen_f32(x: f32) -> f64 {
     x.to_string().parse().unwrap_or(f64::from(x))
-}
-
-/// An emptied vector of values, its allocation kept for values that borrow
-/// from another row (nothing is moved: the vector is empty).
-#[allow(
-    clippy::unnecessary_filter_map,
-    reason = "the map changes the values' lifetime, which `filter` cannot"
-)]
-pub(crate) fn recycle<'b>(
-    mut values: Vec<crate::change::Value<'_>>,
-) -> Vec<crate::change::Value<'b>> {
-    values.clear();
-    values.into_iter().filter_map(|_| None).collect()
 }
 
 /// Bytes as text when they are UTF-8, else as bytes (base64 in JSON).

@@ -4,17 +4,20 @@
 //! go out as text, `YEAR` and `BIT` as numbers.
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use futures_util::stream::BoxStream;
-use futures_util::StreamExt;
-use sqlx::mysql::{MySqlArguments, MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
+use futures_util::{StreamExt, TryStreamExt};
+use sqlx::mysql::{MySqlArguments, MySqlConnectOptions, MySqlPool, MySqlRow};
 use sqlx::{Column, ConnectOptions, Executor, MySql, Row, Statement, TypeInfo, ValueRef};
 
 use super::placeholder::rewrite_since;
+use super::row::{self, RawRow, Undecoded};
+use super::Statements;
 use super::{
-    bytes_or_text, epoch_secs, widen_f32, ColumnDecoder, Described, Prepared, RowResult,
-    SinceBinding, BEGINNING,
+    bytes_or_text, epoch_secs, widen_f32, ColumnDecoder, Described, Prepared, SinceBinding,
+    BEGINNING,
 };
 use crate::change::{epoch_to_naive, naive_to_epoch, Value};
 use crate::config::{Backend, SourceSettings};
@@ -22,7 +25,10 @@ use crate::config::{Backend, SourceSettings};
 /// The earliest time bound for `start = "beginning"`: MySQL's `1000-01-01`.
 const FLOOR_US: i64 = -30_610_224_000_000_000;
 
-pub(super) fn pool(settings: &SourceSettings) -> Result<MySqlPool, sqlx::Error> {
+pub(super) fn pool(
+    settings: &SourceSettings,
+    statements: &Arc<Statements>,
+) -> Result<MySqlPool, sqlx::Error> {
     let url = settings.url.replacen("mariadb://", "mysql://", 1);
     // Keep the server's own SQL mode: sqlx would add PIPES_AS_CONCAT, which
     // changes what `||` means in the user's query.
@@ -31,11 +37,7 @@ pub(super) fn pool(settings: &SourceSettings) -> Result<MySqlPool, sqlx::Error> 
         .pipes_as_concat(false)
         .no_engine_substitution(false)
         .timezone(Some("+00:00".to_owned()));
-    Ok(MySqlPoolOptions::new()
-        .max_connections(settings.max_connections)
-        .min_connections(0)
-        .acquire_timeout(settings.timeout)
-        .connect_lazy_with(options))
+    Ok(super::pool_options(settings, statements).connect_lazy_with(options))
 }
 
 pub(super) async fn now(pool: &MySqlPool) -> Result<i64, sqlx::Error> {
@@ -136,27 +138,39 @@ fn decoder_for(type_name: &str) -> ColumnDecoder {
     }
 }
 
+/// Streams the window's rows, fingerprinted from the bytes the server sent.
 pub(super) fn changes<'a>(
     pool: &'a MySqlPool,
     prepared: &'a Prepared,
     since: i64,
     tz: chrono_tz::Tz,
-) -> BoxStream<'a, RowResult> {
+) -> BoxStream<'a, Result<RawRow, sqlx::Error>> {
     let mut query = sqlx::query::<MySql>(&prepared.sql);
     for _ in 0..prepared.since_occurrences {
         query = bind(query, prepared.since, since, tz);
     }
-    let mut json = String::new();
+    let mut buffer = Vec::new();
     query
         .fetch(pool)
-        .map(move |row| {
-            let row = row?;
-            let values = (0..prepared.columns.len())
-                .map(|i| decode(&row, i, prepared.columns[i], tz))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(prepared.shape.build(&values, &mut json))
+        .map_ok(move |my_row| {
+            let columns = (0..prepared.columns.len()).map(|i| raw_bytes(&my_row, i));
+            RawRow {
+                fingerprint: row::fingerprint(prepared.layout, columns, &mut buffer),
+                epoch: row::cursor_epoch(&my_row, prepared, tz, decode),
+                number: 0,
+                row: Undecoded::MySql(my_row),
+            }
         })
         .boxed()
+}
+
+/// A column's bytes as the server sent them (binary protocol); `None` for
+/// NULL and the zero dates sqlx reads as NULL.
+fn raw_bytes(row: &MySqlRow, i: usize) -> Option<&[u8]> {
+    if row.try_get_raw(i).ok()?.is_null() {
+        return None;
+    }
+    row.try_get_unchecked::<&[u8], _>(i).ok()
 }
 
 type MySqlQuery<'q> = sqlx::query::Query<'q, MySql, MySqlArguments>;
@@ -191,7 +205,7 @@ fn bind(
     }
 }
 
-fn decode<'r>(
+pub(super) fn decode<'r>(
     row: &'r MySqlRow,
     i: usize,
     decoder: ColumnDecoder,

@@ -3,19 +3,20 @@
 //! `text` by wrapping the query, so `SELECT *` on any table just works.
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use futures_util::stream::BoxStream;
-use futures_util::StreamExt;
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, PgValueFormat};
+use futures_util::{StreamExt, TryStreamExt};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgRow, PgValueFormat};
 use sqlx::{
     Column, ConnectOptions, Either, Executor, Postgres, Row, Statement, TypeInfo, ValueRef,
 };
 
 use super::placeholder::rewrite_since;
-use super::{
-    epoch_secs, widen_f32, ColumnDecoder, Described, Prepared, RowResult, SinceBinding, BEGINNING,
-};
+use super::row::{self, RawRow, Undecoded};
+use super::Statements;
+use super::{epoch_secs, widen_f32, ColumnDecoder, Described, Prepared, SinceBinding, BEGINNING};
 use crate::change::{epoch_to_naive, naive_to_epoch, Value};
 use crate::config::{Backend, SourceSettings};
 
@@ -29,18 +30,17 @@ const FLOOR_US: i64 = -62_135_596_800_000_000;
 /// re-prepares (parses, plans, describes) its queries on every cycle.
 const STATEMENT_CACHE_CAPACITY: usize = 1024;
 
-pub(super) fn pool(settings: &SourceSettings) -> Result<PgPool, sqlx::Error> {
+pub(super) fn pool(
+    settings: &SourceSettings,
+    statements: &Arc<Statements>,
+) -> Result<PgPool, sqlx::Error> {
     // sqlx would log every statement (and slow ones as warnings, with the
     // full SQL): highwater logs its own cycle lines instead.
     let options = PgConnectOptions::from_str(&settings.url)?
         .application_name("highwater")
         .disable_statement_logging()
         .statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
-    Ok(PgPoolOptions::new()
-        .max_connections(settings.max_connections)
-        .min_connections(0)
-        .acquire_timeout(settings.timeout)
-        .connect_lazy_with(options))
+    Ok(super::pool_options(settings, statements).connect_lazy_with(options))
 }
 
 pub(super) async fn now(pool: &PgPool) -> Result<i64, sqlx::Error> {
@@ -139,32 +139,40 @@ pub(super) fn binding_for(param_type: &str) -> Option<SinceBinding> {
     }
 }
 
+/// Streams the window's rows, fingerprinted from the bytes PostgreSQL sent.
 pub(super) fn changes<'a>(
     pool: &'a PgPool,
     prepared: &'a Prepared,
     since: i64,
     tz: chrono_tz::Tz,
-) -> BoxStream<'a, RowResult> {
+) -> BoxStream<'a, Result<RawRow, sqlx::Error>> {
     let mut query = sqlx::query::<Postgres>(&prepared.sql);
     if prepared.since_occurrences > 0 {
         query = bind(query, prepared.since, since, tz);
     }
-    let mut json = String::new();
-    // One allocation for every row's values, not one per row.
-    let mut spare: Vec<Value<'static>> = Vec::with_capacity(prepared.columns.len());
+    let mut buffer = Vec::new();
     query
         .fetch(pool)
-        .map(move |row| {
-            let row = row?;
-            let mut values = super::recycle(std::mem::take(&mut spare));
-            for (i, &decoder) in prepared.columns.iter().enumerate() {
-                values.push(decode(&row, i, decoder, tz)?);
+        .map_ok(move |pg_row| {
+            let columns = (0..prepared.columns.len()).map(|i| raw_bytes(&pg_row, i));
+            RawRow {
+                fingerprint: row::fingerprint(prepared.layout, columns, &mut buffer),
+                epoch: row::cursor_epoch(&pg_row, prepared, tz, decode),
+                number: 0,
+                row: Undecoded::Postgres(pg_row),
             }
-            let change = prepared.shape.build(&values, &mut json);
-            spare = super::recycle(values);
-            Ok(change)
         })
         .boxed()
+}
+
+/// A column's bytes as the server sent them; `None` for NULL.
+fn raw_bytes(row: &PgRow, i: usize) -> Option<&[u8]> {
+    let raw = row.try_get_raw(i).ok()?;
+    if raw.is_null() {
+        None
+    } else {
+        raw.as_bytes().ok()
+    }
 }
 
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
@@ -190,7 +198,7 @@ fn bind(query: PgQuery<'_>, binding: SinceBinding, since: i64, tz: chrono_tz::Tz
     }
 }
 
-fn decode<'r>(
+pub(super) fn decode<'r>(
     row: &'r PgRow,
     i: usize,
     decoder: ColumnDecoder,

@@ -5,30 +5,30 @@
 //! integer ones.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
-use sqlx::sqlite::{
-    SqliteArguments, SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow,
-};
+use sqlx::sqlite::{SqliteArguments, SqliteConnectOptions, SqlitePool, SqliteRow};
 use sqlx::{Column, ConnectOptions, Executor, Row, Sqlite, Statement, TypeInfo, ValueRef};
 
 use super::placeholder::rewrite_since;
-use super::{epoch_secs, ColumnDecoder, Described, Prepared, RowResult, SinceBinding, BEGINNING};
+use super::row::{self, DecodeError, RawRow, Scratch, Undecoded};
+use super::Statements;
+use super::{epoch_secs, ColumnDecoder, Described, Prepared, SinceBinding, BEGINNING};
 use crate::change::{epoch_to_naive, parse_text_time, Value};
 use crate::config::{Backend, SourceSettings};
 
-pub(super) fn pool(settings: &SourceSettings) -> Result<SqlitePool, sqlx::Error> {
+pub(super) fn pool(
+    settings: &SourceSettings,
+    statements: &Arc<Statements>,
+) -> Result<SqlitePool, sqlx::Error> {
     let options = SqliteConnectOptions::from_str(&settings.url)?
         .disable_statement_logging()
         .create_if_missing(false)
         .busy_timeout(Duration::from_secs(5).min(settings.timeout));
-    Ok(SqlitePoolOptions::new()
-        .max_connections(settings.max_connections)
-        .min_connections(0)
-        .acquire_timeout(settings.timeout)
-        .connect_lazy_with(options))
+    Ok(super::pool_options(settings, statements).connect_lazy_with(options))
 }
 
 pub(super) async fn now(pool: &SqlitePool) -> Result<i64, sqlx::Error> {
@@ -80,25 +80,34 @@ pub(super) fn binding_for_cursor(declared: &str) -> Option<SinceBinding> {
     }
 }
 
+/// Streams the window's rows, decoded as they are read (see [`Undecoded::Decoded`]).
 pub(super) fn changes<'a>(
     pool: &'a SqlitePool,
     prepared: &'a Prepared,
     since: i64,
     tz: chrono_tz::Tz,
-) -> BoxStream<'a, RowResult> {
+) -> BoxStream<'a, Result<RawRow, sqlx::Error>> {
     let mut query = sqlx::query::<Sqlite>(&prepared.sql);
     if prepared.since_occurrences > 0 {
         query = bind(query, prepared.since, since, tz);
     }
-    let mut json = String::new();
+    let mut scratch = Scratch::default();
     query
         .fetch(pool)
-        .map(move |row| {
-            let row = row?;
-            let values = (0..prepared.columns.len())
-                .map(|i| decode(&row, i, prepared.columns[i], tz))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(prepared.shape.build(&values, &mut json))
+        .map(move |sqlite_row| {
+            let change = match row::build(&sqlite_row?, prepared, tz, &mut scratch, decode) {
+                Ok(change) => Ok(change),
+                Err(DecodeError::Row(error)) => Err(error),
+                Err(DecodeError::Driver(error)) => return Err(error),
+            };
+            Ok(RawRow {
+                fingerprint: change
+                    .as_ref()
+                    .map_or(0, |c| row::change_fingerprint(prepared.layout, c)),
+                epoch: change.as_ref().ok().map(|c| c.epoch),
+                number: 0,
+                row: Undecoded::Decoded(change),
+            })
         })
         .boxed()
 }

@@ -1,0 +1,228 @@
+//! A running agent remembers the rows it confirmed and skips them on the
+//! next re-scan without decoding them or asking Redis. These tests check
+//! that the memory never hides a change: what a running agent emits is what
+//! Redis's digests alone would decide, as after a restart.
+
+// The harness's XRANGE reply type trips clippy's type_complexity.
+#[allow(clippy::type_complexity)]
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// One entity named after `table`, polled every `every`.
+fn config(env: &Env, url: &str, table: &str, query: &str, every: &str) -> PathBuf {
+    env.config(&format!(
+        "[http]\nlisten = \"\"\n\n[sources.db]\nurl = \"{url}\"\n\n[entities.{table}]\nsource = \"db\"\nquery = \"{query}\"\nkey = \"id\"\ncursor = \"updated_at\"\nlookback = \"10m\"\nevery = \"{every}\"\nstream = \"{table}\"\n"
+    ))
+}
+
+/// The `name` field of each message of key `pkey`, in stream order.
+fn names(messages: &[Message], field: &str, pkey: &str) -> Vec<String> {
+    of_key(messages, pkey)
+        .iter()
+        .map(|m| m.payload.as_ref().expect("payload")[field].to_string())
+        .collect()
+}
+
+async fn wait_for_messages(stream: &str, count: usize) {
+    eventually(WAIT, &format!("{count} messages on {stream}"), || async {
+        read_stream(stream).await.len() >= count
+    })
+    .await;
+}
+
+/// Waits for a cycle that started after this call and emitted nothing: from
+/// then on the agent's memory holds the table as it is now.
+async fn wait_for_quiet_cycle(agent: &Agent, entity: &str) {
+    let seen = agent.cycles(Some(entity)).len();
+    // The first cycle to finish may have started before the call; the
+    // second cannot (cycles of an entity never overlap).
+    eventually(WAIT, "a cycle that emitted nothing", || async {
+        let cycles = agent.cycles(Some(entity));
+        cycles.len() > seen + 1 && cycles[seen + 1..].iter().any(|c| c["emitted"] == 0)
+    })
+    .await;
+}
+
+/// A row changed A → B → A (its cursor untouched, so A's bytes are exactly
+/// what the agent saw two cycles ago) arrives three times.
+async fn changed_back(
+    url: &str,
+    table: &str,
+    exec: impl AsyncFn(&str),
+    create: &str,
+) -> Vec<Message> {
+    let env = Env::new();
+    exec(create).await;
+    exec(&format!(
+        "INSERT INTO {table} (id, name) VALUES (1, 'a1'), (2, 'a2'), (3, 'a3'), (4, 'a4')"
+    ))
+    .await;
+    let query = format!("SELECT id, name, updated_at FROM {table} WHERE updated_at >= :since");
+    let mut agent = Agent::start(&config(&env, url, table, &query, "100ms"));
+    wait_for_messages(table, 4).await;
+    wait_for_quiet_cycle(&agent, table).await;
+
+    exec(&format!("UPDATE {table} SET name = 'B' WHERE id = 2")).await;
+    wait_for_messages(table, 5).await;
+    wait_for_quiet_cycle(&agent, table).await;
+
+    exec(&format!("UPDATE {table} SET name = 'a2' WHERE id = 2")).await;
+    wait_for_messages(table, 6).await;
+    wait_for_quiet_cycle(&agent, table).await;
+
+    let skipped: Vec<_> = agent
+        .cycles(Some(table))
+        .iter()
+        .filter(|c| c["emitted"] == 0)
+        .map(|c| (c["rows"].clone(), c["skipped"].clone()))
+        .collect();
+    assert!(
+        skipped
+            .iter()
+            .all(|(rows, skipped)| rows == 4 && skipped == 4),
+        "quiet cycles read and skipped the 4 rows: {skipped:?}"
+    );
+    agent.signal("TERM");
+    assert!(agent.wait_exit(WAIT).await.success());
+    read_stream(table).await
+}
+
+#[tokio::test]
+async fn postgres_a_row_changed_back_while_running_is_emitted_each_time() {
+    let pool = pg().await;
+    let table = unique("mem_back");
+    let create = format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, name text, updated_at timestamptz NOT NULL DEFAULT now())"
+    );
+    let messages = changed_back(
+        &pg_url(),
+        &table,
+        async |sql| pg_exec(&pool, sql).await,
+        &create,
+    )
+    .await;
+    assert_eq!(names(&messages, "name", "2"), ["\"a2\"", "\"B\"", "\"a2\""]);
+    assert_eq!(messages.len(), 6, "only row 2 changed: {messages:?}");
+}
+
+#[tokio::test]
+async fn mariadb_a_row_changed_back_while_running_is_emitted_each_time() {
+    let pool = mysql().await;
+    let table = unique("mem_back");
+    let create = format!(
+        "CREATE TABLE {table} (id BIGINT PRIMARY KEY, name VARCHAR(20), updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6))"
+    );
+    let messages = changed_back(
+        &mysql_url(),
+        &table,
+        async |sql| mysql_exec(&pool, sql).await,
+        &create,
+    )
+    .await;
+    assert_eq!(names(&messages, "name", "2"), ["\"a2\"", "\"B\"", "\"a2\""]);
+    assert_eq!(messages.len(), 6, "only row 2 changed: {messages:?}");
+}
+
+/// Another agent emits B between two cycles of a running one, then the row
+/// goes back to A, which the running agent confirmed before: its memory
+/// must be dropped (the state's write counter moved), and A sent again.
+#[tokio::test]
+async fn a_change_emitted_by_another_agent_drops_the_running_agents_memory() {
+    let env = Env::new();
+    let pool = pg().await;
+    let table = unique("mem_foreign");
+    pg_exec(
+        &pool,
+        &format!(
+            "CREATE TABLE {table} (id bigint PRIMARY KEY, name text, updated_at timestamptz NOT NULL DEFAULT now())"
+        ),
+    )
+    .await;
+    pg_exec(
+        &pool,
+        &format!("INSERT INTO {table} (id, name) VALUES (1, 'a1'), (2, 'a2'), (3, 'a3')"),
+    )
+    .await;
+    let query = format!("SELECT id, name, updated_at FROM {table} WHERE updated_at >= :since");
+    // Long enough between cycles for the other agent to run in between.
+    let config = config(&env, &pg_url(), &table, &query, "2s");
+    let mut agent = Agent::start(&config);
+    wait_for_messages(&table, 3).await;
+    wait_for_quiet_cycle(&agent, &table).await;
+
+    pg_exec(
+        &pool,
+        &format!("UPDATE {table} SET name = 'B' WHERE id = 2"),
+    )
+    .await;
+    let out = once_ok(&config);
+    assert!(out.contains("1 emitted"), "the other agent emits B: {out}");
+    pg_exec(
+        &pool,
+        &format!("UPDATE {table} SET name = 'a2' WHERE id = 2"),
+    )
+    .await;
+    wait_for_messages(&table, 5).await;
+    wait_for_quiet_cycle(&agent, &table).await;
+
+    agent.signal("TERM");
+    assert!(agent.wait_exit(WAIT).await.success());
+    let messages = read_stream(&table).await;
+    assert_eq!(names(&messages, "name", "2"), ["\"a2\"", "\"B\"", "\"a2\""]);
+    assert_eq!(messages.len(), 5, "{messages:?}");
+}
+
+/// A renamed column changes every payload (its key in the JSON) without
+/// changing a byte of the rows: a running agent re-emits them all, as a
+/// restarted one comparing digests in Redis would.
+#[tokio::test]
+async fn a_renamed_column_re_emits_every_row_with_its_new_name() {
+    let env = Env::new();
+    let pool = pg().await;
+    let table = unique("mem_rename");
+    pg_exec(
+        &pool,
+        &format!(
+            "CREATE TABLE {table} (id bigint PRIMARY KEY, name text, updated_at timestamptz NOT NULL DEFAULT now())"
+        ),
+    )
+    .await;
+    pg_exec(
+        &pool,
+        &format!("INSERT INTO {table} (id, name) VALUES (1, 'a1'), (2, 'a2'), (3, 'a3')"),
+    )
+    .await;
+    let query = format!("SELECT * FROM {table} WHERE updated_at >= :since");
+    let mut agent = Agent::start(&config(&env, &pg_url(), &table, &query, "100ms"));
+    wait_for_messages(&table, 3).await;
+    wait_for_quiet_cycle(&agent, &table).await;
+
+    pg_exec(
+        &pool,
+        &format!("ALTER TABLE {table} RENAME COLUMN name TO title"),
+    )
+    .await;
+    wait_for_messages(&table, 6).await;
+    wait_for_quiet_cycle(&agent, &table).await;
+
+    agent.signal("TERM");
+    assert!(agent.wait_exit(WAIT).await.success());
+    let messages = read_stream(&table).await;
+    assert_eq!(messages.len(), 6, "{messages:?}");
+    for key in ["1", "2", "3"] {
+        assert_eq!(
+            names(&messages, "name", key),
+            [format!("\"a{key}\""), "null".to_owned()]
+        );
+        assert_eq!(
+            names(&messages, "title", key),
+            ["null".to_owned(), format!("\"a{key}\"")]
+        );
+    }
+}
