@@ -179,50 +179,95 @@ async fn a_change_emitted_by_another_agent_drops_the_running_agents_memory() {
 }
 
 /// A renamed column changes every payload (its key in the JSON) without
-/// changing a byte of the rows: a running agent re-emits them all, as a
-/// restarted one comparing digests in Redis would.
-#[tokio::test]
-async fn a_renamed_column_re_emits_every_row_with_its_new_name() {
+/// changing a byte of the rows, and an added one adds a field: a running
+/// agent re-emits every row each time, as a restarted one comparing digests
+/// in Redis would, and its statements prepared before are not reused.
+async fn altered_table(url: &str, table: &str, exec: impl AsyncFn(&str), create: &str) {
     let env = Env::new();
-    let pool = pg().await;
-    let table = unique("mem_rename");
-    pg_exec(
-        &pool,
-        &format!(
-            "CREATE TABLE {table} (id bigint PRIMARY KEY, name text, updated_at timestamptz NOT NULL DEFAULT now())"
-        ),
-    )
-    .await;
-    pg_exec(
-        &pool,
-        &format!("INSERT INTO {table} (id, name) VALUES (1, 'a1'), (2, 'a2'), (3, 'a3')"),
-    )
+    exec(create).await;
+    exec(&format!(
+        "INSERT INTO {table} (id, name) VALUES (1, 'a1'), (2, 'a2'), (3, 'a3')"
+    ))
     .await;
     let query = format!("SELECT * FROM {table} WHERE updated_at >= :since");
-    let mut agent = Agent::start(&config(&env, &pg_url(), &table, &query, "100ms"));
-    wait_for_messages(&table, 3).await;
-    wait_for_quiet_cycle(&agent, &table).await;
+    let mut agent = Agent::start(&config(&env, url, table, &query, "100ms"));
+    wait_for_messages(table, 3).await;
+    wait_for_quiet_cycle(&agent, table).await;
 
-    pg_exec(
-        &pool,
-        &format!("ALTER TABLE {table} RENAME COLUMN name TO title"),
-    )
+    exec(&format!("ALTER TABLE {table} RENAME COLUMN name TO title")).await;
+    wait_for_messages(table, 6).await;
+    wait_for_quiet_cycle(&agent, table).await;
+    exec(&format!(
+        "ALTER TABLE {table} ADD COLUMN extra INT DEFAULT 7"
+    ))
     .await;
-    wait_for_messages(&table, 6).await;
-    wait_for_quiet_cycle(&agent, &table).await;
+    wait_for_messages(table, 9).await;
+    wait_for_quiet_cycle(&agent, table).await;
 
     agent.signal("TERM");
     assert!(agent.wait_exit(WAIT).await.success());
-    let messages = read_stream(&table).await;
-    assert_eq!(messages.len(), 6, "{messages:?}");
+    let messages = read_stream(table).await;
+    assert_eq!(messages.len(), 9, "{messages:?}");
     for key in ["1", "2", "3"] {
+        let name = format!("\"a{key}\"");
         assert_eq!(
             names(&messages, "name", key),
-            [format!("\"a{key}\""), "null".to_owned()]
+            [name.as_str(), "null", "null"]
         );
         assert_eq!(
             names(&messages, "title", key),
-            ["null".to_owned(), format!("\"a{key}\"")]
+            ["null", name.as_str(), name.as_str()]
         );
+        assert_eq!(names(&messages, "extra", key), ["null", "null", "7"]);
     }
+}
+
+#[tokio::test]
+async fn postgres_an_altered_table_re_emits_every_row_with_its_new_columns() {
+    let pool = pg().await;
+    let table = unique("mem_alter");
+    let create = format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, name text, updated_at timestamptz NOT NULL DEFAULT now())"
+    );
+    altered_table(
+        &pg_url(),
+        &table,
+        async |sql| pg_exec(&pool, sql).await,
+        &create,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn mariadb_an_altered_table_re_emits_every_row_with_its_new_columns() {
+    let pool = mysql().await;
+    let table = unique("mem_alter");
+    let create = format!(
+        "CREATE TABLE {table} (id BIGINT PRIMARY KEY, name VARCHAR(20), updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6))"
+    );
+    altered_table(
+        &mysql_url(),
+        &table,
+        async |sql| mysql_exec(&pool, sql).await,
+        &create,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn sqlite_an_altered_table_re_emits_every_row_with_its_new_columns() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("shop.db");
+    let pool = sqlite(&path).await;
+    let table = unique("mem_alter");
+    let create = format!(
+        "CREATE TABLE {table} (id INTEGER PRIMARY KEY, name TEXT, updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')))"
+    );
+    altered_table(
+        &sqlite_url(&path),
+        &table,
+        async |sql| sqlite_exec(&pool, sql).await,
+        &create,
+    )
+    .await;
 }

@@ -24,7 +24,7 @@ use futures_util::{FutureExt, StreamExt};
 
 use crate::change::{Change, RowError, RowShape};
 use crate::config::{mask_url, Backend, CursorKind, EntitySettings, SourceSettings};
-use row::DecodeError;
+use row::{DecodeError, FetchError};
 
 /// An error from a source, with the source and entity it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +64,12 @@ pub enum SourceError {
         #[source]
         error: RowError,
     },
+    #[error("entity {entity}: query ({origin}) now returns other columns than when it was prepared ({columns}): the table changed; preparing it again")]
+    ColumnsChanged {
+        entity: String,
+        origin: String,
+        columns: String,
+    },
     #[error("source {source_name}: no answer within {}", humantime::format_duration(*.timeout))]
     Timeout {
         source_name: String,
@@ -77,7 +83,7 @@ impl SourceError {
     pub fn is_transient(&self) -> bool {
         match self {
             SourceError::Url { .. } | SourceError::Shape { .. } | SourceError::Row { .. } => false,
-            SourceError::Timeout { .. } => true,
+            SourceError::Timeout { .. } | SourceError::ColumnsChanged { .. } => true,
             SourceError::Connect { error, .. } | SourceError::Query { error, .. } => {
                 is_transient_sqlx(error)
             }
@@ -482,11 +488,20 @@ impl Source {
                     timeout,
                 }),
                 Ok(None) => return None,
-                Ok(Some(Err(error))) => {
+                Ok(Some(Err(FetchError::Driver(error)))) => {
                     if is_stale_statement(&error) {
                         self.statements.mark_stale();
                     }
                     Err(self.query_error(prepared, error))
+                }
+                Ok(Some(Err(FetchError::ColumnsChanged(columns)))) => {
+                    // sqlx would describe the query from its statement cache again.
+                    self.statements.mark_stale();
+                    Err(SourceError::ColumnsChanged {
+                        entity: prepared.entity.clone(),
+                        origin: prepared.origin.clone(),
+                        columns,
+                    })
                 }
                 Ok(Some(Ok(row))) => Ok(RawRow {
                     number: number + 1,

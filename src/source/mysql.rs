@@ -8,12 +8,12 @@ use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use futures_util::stream::BoxStream;
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use sqlx::mysql::{MySqlArguments, MySqlConnectOptions, MySqlPool, MySqlRow};
 use sqlx::{Column, ConnectOptions, Executor, MySql, Row, Statement, TypeInfo, ValueRef};
 
 use super::placeholder::rewrite_since;
-use super::row::{self, RawRow, Undecoded};
+use super::row::{self, FetchError, RawRow, Undecoded};
 use super::Statements;
 use super::{
     bytes_or_text, epoch_secs, widen_f32, ColumnDecoder, Described, Prepared, SinceBinding,
@@ -144,22 +144,28 @@ pub(super) fn changes<'a>(
     prepared: &'a Prepared,
     since: i64,
     tz: chrono_tz::Tz,
-) -> BoxStream<'a, Result<RawRow, sqlx::Error>> {
+) -> BoxStream<'a, Result<RawRow, FetchError>> {
     let mut query = sqlx::query::<MySql>(&prepared.sql);
     for _ in 0..prepared.since_occurrences {
         query = bind(query, prepared.since, since, tz);
     }
     let mut buffer = Vec::new();
+    let mut checked = false;
     query
         .fetch(pool)
-        .map_ok(move |my_row| {
+        .map(move |my_row| {
+            let my_row = my_row?;
+            if !checked {
+                row::check_columns(&my_row, prepared)?;
+                checked = true;
+            }
             let columns = (0..prepared.columns.len()).map(|i| raw_bytes(&my_row, i));
-            RawRow {
+            Ok(RawRow {
                 fingerprint: row::fingerprint(prepared.layout, columns, &mut buffer),
                 epoch: row::cursor_epoch(&my_row, prepared, tz, decode),
                 number: 0,
                 row: Undecoded::MySql(my_row),
-            }
+            })
         })
         .boxed()
 }

@@ -7,14 +7,14 @@ use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use futures_util::stream::BoxStream;
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgRow, PgValueFormat};
 use sqlx::{
     Column, ConnectOptions, Either, Executor, Postgres, Row, Statement, TypeInfo, ValueRef,
 };
 
 use super::placeholder::rewrite_since;
-use super::row::{self, RawRow, Undecoded};
+use super::row::{self, FetchError, RawRow, Undecoded};
 use super::Statements;
 use super::{epoch_secs, widen_f32, ColumnDecoder, Described, Prepared, SinceBinding, BEGINNING};
 use crate::change::{epoch_to_naive, naive_to_epoch, Value};
@@ -145,22 +145,28 @@ pub(super) fn changes<'a>(
     prepared: &'a Prepared,
     since: i64,
     tz: chrono_tz::Tz,
-) -> BoxStream<'a, Result<RawRow, sqlx::Error>> {
+) -> BoxStream<'a, Result<RawRow, FetchError>> {
     let mut query = sqlx::query::<Postgres>(&prepared.sql);
     if prepared.since_occurrences > 0 {
         query = bind(query, prepared.since, since, tz);
     }
     let mut buffer = Vec::new();
+    let mut checked = false;
     query
         .fetch(pool)
-        .map_ok(move |pg_row| {
+        .map(move |pg_row| {
+            let pg_row = pg_row?;
+            if !checked {
+                row::check_columns(&pg_row, prepared)?;
+                checked = true;
+            }
             let columns = (0..prepared.columns.len()).map(|i| raw_bytes(&pg_row, i));
-            RawRow {
+            Ok(RawRow {
                 fingerprint: row::fingerprint(prepared.layout, columns, &mut buffer),
                 epoch: row::cursor_epoch(&pg_row, prepared, tz, decode),
                 number: 0,
                 row: Undecoded::Postgres(pg_row),
-            }
+            })
         })
         .boxed()
 }

@@ -52,6 +52,39 @@ pub(super) enum DecodeError {
     Row(RowError),
 }
 
+/// Why the next row of the window could not be read.
+pub(super) enum FetchError {
+    Driver(sqlx::Error),
+    /// The rows carry other columns than the query had when it was prepared
+    /// (these columns, now): the table changed under it.
+    ColumnsChanged(String),
+}
+
+impl From<sqlx::Error> for FetchError {
+    fn from(error: sqlx::Error) -> FetchError {
+        FetchError::Driver(error)
+    }
+}
+
+/// Checks that `row` has the columns the query was prepared with. A table
+/// altered under `SELECT *` changes them: MariaDB and SQLite re-prepare
+/// silently and send the new columns, which the prepared decoders would
+/// misread or drop.
+pub(super) fn check_columns<R: sqlx::Row>(row: &R, prepared: &Prepared) -> Result<(), FetchError> {
+    use sqlx::Column;
+    let columns = row.columns();
+    let same = columns.len() == prepared.shape.columns.len()
+        && columns
+            .iter()
+            .zip(&prepared.shape.columns)
+            .all(|(column, name)| column.name() == name);
+    if same {
+        return Ok(());
+    }
+    let now: Vec<&str> = columns.iter().map(|c| c.name()).collect();
+    Err(FetchError::ColumnsChanged(now.join(", ")))
+}
+
 /// Reads one column of a backend's row.
 pub(super) type ColumnReader<R> =
     for<'r> fn(&'r R, usize, ColumnDecoder, chrono_tz::Tz) -> Result<Value<'r>, sqlx::Error>;

@@ -14,7 +14,7 @@ use sqlx::sqlite::{SqliteArguments, SqliteConnectOptions, SqlitePool, SqliteRow}
 use sqlx::{Column, ConnectOptions, Executor, Row, Sqlite, Statement, TypeInfo, ValueRef};
 
 use super::placeholder::rewrite_since;
-use super::row::{self, DecodeError, RawRow, Scratch, Undecoded};
+use super::row::{self, DecodeError, FetchError, RawRow, Scratch, Undecoded};
 use super::Statements;
 use super::{epoch_secs, ColumnDecoder, Described, Prepared, SinceBinding, BEGINNING};
 use crate::change::{epoch_to_naive, parse_text_time, Value};
@@ -24,7 +24,11 @@ pub(super) fn pool(
     settings: &SourceSettings,
     statements: &Arc<Statements>,
 ) -> Result<SqlitePool, sqlx::Error> {
+    // No statement cache: SQLite re-prepares a statement silently when the
+    // table under it changes, but sqlx would keep the column names it cached,
+    // and a renamed column would go unnoticed. Preparing costs microseconds.
     let options = SqliteConnectOptions::from_str(&settings.url)?
+        .statement_cache_capacity(0)
         .disable_statement_logging()
         .create_if_missing(false)
         .busy_timeout(Duration::from_secs(5).min(settings.timeout));
@@ -86,19 +90,25 @@ pub(super) fn changes<'a>(
     prepared: &'a Prepared,
     since: i64,
     tz: chrono_tz::Tz,
-) -> BoxStream<'a, Result<RawRow, sqlx::Error>> {
+) -> BoxStream<'a, Result<RawRow, FetchError>> {
     let mut query = sqlx::query::<Sqlite>(&prepared.sql);
     if prepared.since_occurrences > 0 {
         query = bind(query, prepared.since, since, tz);
     }
     let mut scratch = Scratch::default();
+    let mut checked = false;
     query
         .fetch(pool)
         .map(move |sqlite_row| {
-            let change = match row::build(&sqlite_row?, prepared, tz, &mut scratch, decode) {
+            let sqlite_row = sqlite_row?;
+            if !checked {
+                row::check_columns(&sqlite_row, prepared)?;
+                checked = true;
+            }
+            let change = match row::build(&sqlite_row, prepared, tz, &mut scratch, decode) {
                 Ok(change) => Ok(change),
                 Err(DecodeError::Row(error)) => Err(error),
-                Err(DecodeError::Driver(error)) => return Err(error),
+                Err(DecodeError::Driver(error)) => return Err(error.into()),
             };
             Ok(RawRow {
                 fingerprint: change
