@@ -114,14 +114,26 @@ impl Confirmed {
         }
     }
 
-    fn contains(&self, hash: u64) -> bool {
+    /// Sets `known[i]` to whether `hashes[i]` is in the set. Two passes, so
+    /// that the lookups' cache misses overlap: every bucket's bounds first
+    /// (independent loads, no branch on their values), then the hashes within.
+    fn contains_each(&self, hashes: &[u64], bounds: &mut Vec<(u32, u32)>, known: &mut Vec<bool>) {
+        known.clear();
         if self.hashes.is_empty() {
-            return false;
+            known.resize(hashes.len(), false);
+            return;
         }
-        let bucket = (hash >> self.shift) as usize;
-        let from = self.starts[bucket] as usize;
-        let to = self.starts[bucket + 1] as usize;
-        self.hashes[from..to].contains(&hash)
+        bounds.clear();
+        bounds.extend(hashes.iter().map(|&hash| {
+            let bucket = (hash >> self.shift) as usize;
+            (self.starts[bucket], self.starts[bucket + 1])
+        }));
+        known.extend(
+            hashes
+                .iter()
+                .zip(bounds.iter())
+                .map(|(hash, &(from, to))| self.hashes[from as usize..to as usize].contains(hash)),
+        );
     }
 
     fn len(&self) -> usize {
@@ -175,7 +187,10 @@ struct Window<'a> {
     next_confirmed: Vec<u64>,
     /// Rows read and not yet sorted (kept to reuse the allocation).
     pending: Vec<RawRow>,
-    /// Scratch: which of `pending` the memory knows.
+    /// Scratch for the memory lookups of `pending`: fingerprints, bucket
+    /// bounds, and which rows the memory knows.
+    fingerprints: Vec<u64>,
+    bounds: Vec<(u32, u32)>,
     known_rows: Vec<bool>,
     scratch: Scratch,
     max_epoch: Option<i64>,
@@ -220,15 +235,11 @@ impl Window<'_> {
     /// (decoded into `chunk`). The memory lookups run in one loop,
     /// independent of each other, so the CPU overlaps their cache misses.
     fn sort(&mut self, rows: &mut Vec<RawRow>, chunk: &mut Chunk) -> Result<(), SourceError> {
-        self.known_rows.clear();
-        if self.remember && self.confirmed.len() > 0 {
-            self.known_rows.extend(
-                rows.iter()
-                    .map(|row| self.confirmed.contains(row.fingerprint)),
-            );
-        } else {
-            self.known_rows.resize(rows.len(), false);
-        }
+        self.fingerprints.clear();
+        self.fingerprints
+            .extend(rows.iter().map(|row| row.fingerprint));
+        self.confirmed
+            .contains_each(&self.fingerprints, &mut self.bounds, &mut self.known_rows);
         for (row, &known) in rows.drain(..).zip(&self.known_rows) {
             let fingerprint = row.fingerprint;
             // A row whose cursor did not decode is decoded in full, which
@@ -394,6 +405,8 @@ pub async fn run_cycle(
             expected + expected / 16
         }),
         pending: Vec::with_capacity(entity.chunk_rows),
+        fingerprints: Vec::new(),
+        bounds: Vec::new(),
         known_rows: Vec::new(),
         scratch: Scratch::default(),
         max_epoch: None,

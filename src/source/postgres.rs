@@ -8,7 +8,7 @@ use std::sync::Arc;
 use chrono::{DateTime, NaiveDate, Utc};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgRow, PgValueFormat};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgRow, PgValueFormat, PgValueRef};
 use sqlx::{
     Column, ConnectOptions, Either, Executor, Postgres, Row, Statement, TypeInfo, ValueRef,
 };
@@ -160,25 +160,32 @@ pub(super) fn changes<'a>(
                 row::check_columns(&pg_row, prepared)?;
                 checked = true;
             }
-            let columns = (0..prepared.columns.len()).map(|i| raw_bytes(&pg_row, i));
+            // One pass over the columns: their bytes for the fingerprint,
+            // and the cursor's value.
+            let cursor = prepared.shape.cursor_index();
+            let mut epoch = None;
+            let columns = (0..prepared.columns.len()).map(|i| {
+                let raw = pg_row.try_get_raw(i).ok()?;
+                if i == cursor {
+                    epoch = decode_value(raw.clone(), prepared.columns[i], tz)
+                        .ok()
+                        .and_then(|value| prepared.shape.cursor_epoch(&value));
+                }
+                if raw.is_null() {
+                    None
+                } else {
+                    raw.as_bytes().ok()
+                }
+            });
+            let fingerprint = row::fingerprint(prepared.layout, columns, &mut buffer);
             Ok(RawRow {
-                fingerprint: row::fingerprint(prepared.layout, columns, &mut buffer),
-                epoch: row::cursor_epoch(&pg_row, prepared, tz, decode),
+                fingerprint,
+                epoch,
                 number: 0,
                 row: Undecoded::Postgres(pg_row),
             })
         })
         .boxed()
-}
-
-/// A column's bytes as the server sent them; `None` for NULL.
-fn raw_bytes(row: &PgRow, i: usize) -> Option<&[u8]> {
-    let raw = row.try_get_raw(i).ok()?;
-    if raw.is_null() {
-        None
-    } else {
-        raw.as_bytes().ok()
-    }
 }
 
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
@@ -210,7 +217,14 @@ pub(super) fn decode<'r>(
     decoder: ColumnDecoder,
     tz: chrono_tz::Tz,
 ) -> Result<Value<'r>, sqlx::Error> {
-    let raw = row.try_get_raw(i)?;
+    decode_value(row.try_get_raw(i)?, decoder, tz)
+}
+
+fn decode_value(
+    raw: PgValueRef<'_>,
+    decoder: ColumnDecoder,
+    tz: chrono_tz::Tz,
+) -> Result<Value<'_>, sqlx::Error> {
     if raw.is_null() {
         return Ok(Value::Null);
     }
