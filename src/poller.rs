@@ -404,7 +404,8 @@ pub async fn run_cycle(
             let expected = memory.confirmed.len().max(tracked);
             expected + expected / 16
         }),
-        pending: Vec::with_capacity(entity.chunk_rows),
+        // Grows to what the window needs (a small one stays small).
+        pending: Vec::new(),
         fingerprints: Vec::new(),
         bounds: Vec::new(),
         known_rows: Vec::new(),
