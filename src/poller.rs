@@ -232,8 +232,9 @@ impl Window<'_> {
 
     /// Empties `rows` into: rows below the window (counted, ignored), rows
     /// the memory knows (remembered again, not decoded) and the rest
-    /// (decoded into `chunk`). The memory lookups run in one loop,
-    /// independent of each other, so the CPU overlaps their cache misses.
+    /// (decoded into `chunk`). The memory lookups run first, for the whole
+    /// batch, so that the CPU overlaps their cache misses (a lookup between
+    /// two rows' decoding could not).
     fn sort(&mut self, rows: &mut Vec<RawRow>, chunk: &mut Chunk) -> Result<(), SourceError> {
         self.fingerprints.clear();
         self.fingerprints

@@ -4,9 +4,10 @@
 //! ([`Source::now`]), a [`Prepared`] query per entity whose columns were
 //! checked once (key, cursor, types), and the window's rows streamed one at a
 //! time, never all in memory: each as a fingerprinted [`RawRow`], decoded
-//! into a [`Change`] only when the agent does not know it already. Each backend decodes its own
-//! types (sqlx's `Any` driver cannot decode timestamps, numerics, UUIDs or
-//! JSON); types highwater does not know are sent as their text form.
+//! into a [`Change`] only when the agent does not know it already. Each
+//! backend decodes its own types (sqlx's `Any` driver cannot decode
+//! timestamps, numerics, UUIDs or JSON); types highwater does not know are
+//! sent as their text form.
 
 mod mysql;
 pub mod placeholder;
@@ -139,8 +140,10 @@ fn is_stale_statement(error: &sqlx::Error) -> bool {
     if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
         return my.number() == 1615;
     }
+    // 0A000 is "feature not supported" in general: the routine that raised
+    // it (not translated, unlike the message) tells this case apart.
     db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
-        .is_some_and(|pg| pg.code() == "0A000")
+        .is_some_and(|pg| pg.code() == "0A000" && pg.routine() == Some("RevalidateCachedQuery"))
 }
 
 /// The generation of a source's prepared statements. Each pooled connection
