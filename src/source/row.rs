@@ -25,7 +25,8 @@ pub struct RawRow {
     /// The cursor as an epoch; `None` when it does not decode (NULL, not a
     /// time): such a row always goes through [`RawRow::decode`], which says why.
     pub epoch: Option<i64>,
-    /// 1-based position in the window, for error messages.
+    /// 1-based position in the window, for error messages (numbered by
+    /// [`super::Source::changes`]; backends leave it 0).
     pub number: u64,
     pub(super) row: Undecoded,
 }
