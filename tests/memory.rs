@@ -49,25 +49,90 @@ async fn wait_for_quiet_cycle(agent: &Agent, entity: &str) {
     .await;
 }
 
+/// A test database holding tables of one shape: `id`, `name`, and an
+/// `updated_at` cursor that defaults to now.
+enum Database {
+    Postgres(sqlx::PgPool),
+    MariaDb(sqlx::MySqlPool),
+    Sqlite {
+        pool: sqlx::SqlitePool,
+        path: PathBuf,
+        /// Holds the file while the test runs.
+        _dir: tempfile::TempDir,
+    },
+}
+
+impl Database {
+    async fn postgres() -> Database {
+        Database::Postgres(pg().await)
+    }
+
+    async fn mariadb() -> Database {
+        Database::MariaDb(mysql().await)
+    }
+
+    async fn sqlite() -> Database {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("shop.db");
+        Database::Sqlite {
+            pool: sqlite(&path).await,
+            path,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Database::Postgres(_) => pg_url(),
+            Database::MariaDb(_) => mysql_url(),
+            Database::Sqlite { path, .. } => sqlite_url(path),
+        }
+    }
+
+    async fn exec(&self, sql: &str) {
+        match self {
+            Database::Postgres(pool) => pg_exec(pool, sql).await,
+            Database::MariaDb(pool) => mysql_exec(pool, sql).await,
+            Database::Sqlite { pool, .. } => sqlite_exec(pool, sql).await,
+        }
+    }
+
+    /// Creates `table` and inserts rows `1..=rows` named `a<id>`.
+    async fn table(&self, table: &str, rows: u32) {
+        let columns = match self {
+            Database::Postgres(_) => "id bigint PRIMARY KEY, name text, updated_at timestamptz NOT NULL DEFAULT now()",
+            Database::MariaDb(_) => "id BIGINT PRIMARY KEY, name VARCHAR(20), updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)",
+            Database::Sqlite { .. } => "id INTEGER PRIMARY KEY, name TEXT, updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now'))",
+        };
+        self.exec(&format!("CREATE TABLE {table} ({columns})"))
+            .await;
+        let values: Vec<String> = (1..=rows).map(|id| format!("({id}, 'a{id}')")).collect();
+        self.exec(&format!(
+            "INSERT INTO {table} (id, name) VALUES {}",
+            values.join(", ")
+        ))
+        .await;
+    }
+}
+
 /// A row changed A → B → A (its cursor untouched, so A's bytes are exactly
 /// what the agent saw two cycles ago) arrives three times.
-async fn changed_back(url: &str, table: &str, exec: impl AsyncFn(&str), create: &str) {
+async fn changed_back(db: Database) {
     let env = Env::new();
-    exec(create).await;
-    exec(&format!(
-        "INSERT INTO {table} (id, name) VALUES (1, 'a1'), (2, 'a2'), (3, 'a3'), (4, 'a4')"
-    ))
-    .await;
+    let table = &unique("mem_back");
+    db.table(table, 4).await;
     let query = format!("SELECT id, name, updated_at FROM {table} WHERE updated_at >= :since");
-    let mut agent = Agent::start(&config(&env, url, table, &query, "100ms"));
+    let mut agent = Agent::start(&config(&env, &db.url(), table, &query, "100ms"));
     wait_for_messages(table, 4).await;
     wait_for_quiet_cycle(&agent, table).await;
 
-    exec(&format!("UPDATE {table} SET name = 'B' WHERE id = 2")).await;
+    db.exec(&format!("UPDATE {table} SET name = 'B' WHERE id = 2"))
+        .await;
     wait_for_messages(table, 5).await;
     wait_for_quiet_cycle(&agent, table).await;
 
-    exec(&format!("UPDATE {table} SET name = 'a2' WHERE id = 2")).await;
+    db.exec(&format!("UPDATE {table} SET name = 'a2' WHERE id = 2"))
+        .await;
     wait_for_messages(table, 6).await;
     wait_for_quiet_cycle(&agent, table).await;
 
@@ -92,34 +157,12 @@ async fn changed_back(url: &str, table: &str, exec: impl AsyncFn(&str), create: 
 
 #[tokio::test]
 async fn postgres_a_row_changed_back_while_running_is_emitted_each_time() {
-    let pool = pg().await;
-    let table = unique("mem_back");
-    let create = format!(
-        "CREATE TABLE {table} (id bigint PRIMARY KEY, name text, updated_at timestamptz NOT NULL DEFAULT now())"
-    );
-    changed_back(
-        &pg_url(),
-        &table,
-        async |sql| pg_exec(&pool, sql).await,
-        &create,
-    )
-    .await;
+    changed_back(Database::postgres().await).await;
 }
 
 #[tokio::test]
 async fn mariadb_a_row_changed_back_while_running_is_emitted_each_time() {
-    let pool = mysql().await;
-    let table = unique("mem_back");
-    let create = format!(
-        "CREATE TABLE {table} (id BIGINT PRIMARY KEY, name VARCHAR(20), updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6))"
-    );
-    changed_back(
-        &mysql_url(),
-        &table,
-        async |sql| mysql_exec(&pool, sql).await,
-        &create,
-    )
-    .await;
+    changed_back(Database::mariadb().await).await;
 }
 
 /// Another agent emits B between two cycles of a running one, then the row
@@ -128,39 +171,22 @@ async fn mariadb_a_row_changed_back_while_running_is_emitted_each_time() {
 #[tokio::test]
 async fn a_change_emitted_by_another_agent_drops_the_running_agents_memory() {
     let env = Env::new();
-    let pool = pg().await;
+    let db = Database::postgres().await;
     let table = unique("mem_foreign");
-    pg_exec(
-        &pool,
-        &format!(
-            "CREATE TABLE {table} (id bigint PRIMARY KEY, name text, updated_at timestamptz NOT NULL DEFAULT now())"
-        ),
-    )
-    .await;
-    pg_exec(
-        &pool,
-        &format!("INSERT INTO {table} (id, name) VALUES (1, 'a1'), (2, 'a2'), (3, 'a3')"),
-    )
-    .await;
+    db.table(&table, 3).await;
     let query = format!("SELECT id, name, updated_at FROM {table} WHERE updated_at >= :since");
     // Long enough between cycles for the other agent to run in between.
-    let config = config(&env, &pg_url(), &table, &query, "2s");
+    let config = config(&env, &db.url(), &table, &query, "2s");
     let mut agent = Agent::start(&config);
     wait_for_messages(&table, 3).await;
     wait_for_quiet_cycle(&agent, &table).await;
 
-    pg_exec(
-        &pool,
-        &format!("UPDATE {table} SET name = 'B' WHERE id = 2"),
-    )
-    .await;
+    db.exec(&format!("UPDATE {table} SET name = 'B' WHERE id = 2"))
+        .await;
     let out = once_ok(&config);
     assert!(out.contains("1 emitted"), "the other agent emits B: {out}");
-    pg_exec(
-        &pool,
-        &format!("UPDATE {table} SET name = 'a2' WHERE id = 2"),
-    )
-    .await;
+    db.exec(&format!("UPDATE {table} SET name = 'a2' WHERE id = 2"))
+        .await;
     wait_for_messages(&table, 5).await;
     wait_for_quiet_cycle(&agent, &table).await;
 
@@ -175,22 +201,20 @@ async fn a_change_emitted_by_another_agent_drops_the_running_agents_memory() {
 /// changing a byte of the rows, and an added one adds a field: a running
 /// agent re-emits every row each time, as a restarted one comparing digests
 /// in Redis would, and its statements prepared before are not reused.
-async fn altered_table(url: &str, table: &str, exec: impl AsyncFn(&str), create: &str) {
+async fn altered_table(db: Database) {
     let env = Env::new();
-    exec(create).await;
-    exec(&format!(
-        "INSERT INTO {table} (id, name) VALUES (1, 'a1'), (2, 'a2'), (3, 'a3')"
-    ))
-    .await;
+    let table = &unique("mem_alter");
+    db.table(table, 3).await;
     let query = format!("SELECT * FROM {table} WHERE updated_at >= :since");
-    let mut agent = Agent::start(&config(&env, url, table, &query, "100ms"));
+    let mut agent = Agent::start(&config(&env, &db.url(), table, &query, "100ms"));
     wait_for_messages(table, 3).await;
     wait_for_quiet_cycle(&agent, table).await;
 
-    exec(&format!("ALTER TABLE {table} RENAME COLUMN name TO title")).await;
+    db.exec(&format!("ALTER TABLE {table} RENAME COLUMN name TO title"))
+        .await;
     wait_for_messages(table, 6).await;
     wait_for_quiet_cycle(&agent, table).await;
-    exec(&format!(
+    db.exec(&format!(
         "ALTER TABLE {table} ADD COLUMN extra INT DEFAULT 7"
     ))
     .await;
@@ -217,50 +241,15 @@ async fn altered_table(url: &str, table: &str, exec: impl AsyncFn(&str), create:
 
 #[tokio::test]
 async fn postgres_an_altered_table_re_emits_every_row_with_its_new_columns() {
-    let pool = pg().await;
-    let table = unique("mem_alter");
-    let create = format!(
-        "CREATE TABLE {table} (id bigint PRIMARY KEY, name text, updated_at timestamptz NOT NULL DEFAULT now())"
-    );
-    altered_table(
-        &pg_url(),
-        &table,
-        async |sql| pg_exec(&pool, sql).await,
-        &create,
-    )
-    .await;
+    altered_table(Database::postgres().await).await;
 }
 
 #[tokio::test]
 async fn mariadb_an_altered_table_re_emits_every_row_with_its_new_columns() {
-    let pool = mysql().await;
-    let table = unique("mem_alter");
-    let create = format!(
-        "CREATE TABLE {table} (id BIGINT PRIMARY KEY, name VARCHAR(20), updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6))"
-    );
-    altered_table(
-        &mysql_url(),
-        &table,
-        async |sql| mysql_exec(&pool, sql).await,
-        &create,
-    )
-    .await;
+    altered_table(Database::mariadb().await).await;
 }
 
 #[tokio::test]
 async fn sqlite_an_altered_table_re_emits_every_row_with_its_new_columns() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("shop.db");
-    let pool = sqlite(&path).await;
-    let table = unique("mem_alter");
-    let create = format!(
-        "CREATE TABLE {table} (id INTEGER PRIMARY KEY, name TEXT, updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%d %H:%M:%f', 'now')))"
-    );
-    altered_table(
-        &sqlite_url(&path),
-        &table,
-        async |sql| sqlite_exec(&pool, sql).await,
-        &create,
-    )
-    .await;
+    altered_table(Database::sqlite().await).await;
 }
