@@ -6,15 +6,17 @@
 -- cursors), never a row's timestamp, so a row stamped in the future cannot
 -- push the window past real changes.
 --
--- Members of `seen` with score < W_new - lookback (and their digests) are
--- removed, at most ARGV[3] per call: the next window starts at
--- W_new - lookback, so it cannot return them and nothing trimmed is emitted
--- twice. The caller repeats the call while it trims a full batch, so a large
--- trim never blocks Redis for long.
+-- Members of `seen` with score < ARGV[2] (and their digests) are removed, at
+-- most ARGV[3] per call. The caller passes the start of the next window as
+-- the database will be asked for it (W_new - lookback, floored to what the
+-- bound parameter can carry, e.g. whole seconds), or lower: no later window
+-- can return what is trimmed, so nothing trimmed is emitted twice. The
+-- caller repeats the call while it trims a full batch, so a large trim never
+-- blocks Redis for long.
 --
 -- KEYS[1] state, KEYS[2] seen, KEYS[3] digest
 -- ARGV[1] candidate watermark ("" = keep the old one)
--- ARGV[2] lookback (same unit as the epochs)
+-- ARGV[2] trim below this epoch ("" = trim nothing)
 -- ARGV[3] trim batch size
 -- ARGV[4] "1" if the state hash must exist (the cycle started from it or
 --         one of its chunks created it)
@@ -25,7 +27,7 @@
 -- commit would recreate it and hide the loss).
 
 local state, seen, digests = KEYS[1], KEYS[2], KEYS[3]
-local candidate, lookback, batch = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local candidate, below, batch = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 if ARGV[4] == '1' and redis.call('EXISTS', state) == 0 then
   return false
@@ -42,8 +44,8 @@ for i = 5, #ARGV, 2 do
 end
 
 local trimmed = 0
-if watermark then
-  local cut = string.format('(%.0f', tonumber(watermark) - lookback)
+if below ~= '' then
+  local cut = '(' .. below
   local members = redis.call('ZRANGEBYSCORE', seen, '-inf', cut, 'LIMIT', 0, batch)
   trimmed = #members
   -- unpack() is limited by Lua's C stack: delete in slices.

@@ -368,7 +368,7 @@ pub async fn run_cycle(
     let since = if resnapshot {
         BEGINNING
     } else {
-        window_start(entity, watermark, t0)
+        source.bound_since(prepared, window_start(entity, watermark, t0))
     };
 
     let mut report = CycleReport {
@@ -495,6 +495,11 @@ pub async fn run_cycle(
             CursorKind::Time => t0,
             CursorKind::Version => max_epoch,
         };
+        // The next window starts at W_new - lookback as the database will
+        // be asked for it; the script's W_new is at least this one's.
+        let trim_below = watermark
+            .max(candidate)
+            .map(|w| source.bound_since(prepared, w.saturating_sub(entity.lookback)));
         let figures = CycleFigures {
             started_at_ms,
             duration_ms: started.elapsed().as_millis() as u64,
@@ -504,7 +509,7 @@ pub async fn run_cycle(
             db_now: t0,
         };
         report.watermark = sink
-            .commit(entity, &keys, candidate, &figures, expect_state)
+            .commit(entity, &keys, candidate, trim_below, &figures, expect_state)
             .await
             .map_err(|e| state_vanished(entity, memory, e))?;
         memory.had_state = true;

@@ -378,19 +378,22 @@ impl Sink {
     }
 
     /// Advances the watermark to max(old, `candidate`) (`None`: keep it),
-    /// records the cycle's figures and trims what the next window cannot
-    /// return. Returns the watermark now stored. `expect_state` as for
-    /// [`Sink::apply_chunk`].
+    /// records the cycle's figures and trims the dedup state below
+    /// `trim_below` (`None`: nothing), which the caller guarantees no later
+    /// window can reach. Returns the watermark now stored. `expect_state` as
+    /// for [`Sink::apply_chunk`].
     pub async fn commit(
         &self,
         entity: &EntitySettings,
         keys: &EntityKeys,
         candidate: Option<i64>,
+        trim_below: Option<i64>,
         figures: &CycleFigures,
         expect_state: bool,
     ) -> Result<Option<i64>, SinkError> {
         let mut conn = self.conn.clone();
         let candidate = candidate.map(|c| c.to_string()).unwrap_or_default();
+        let trim_below = trim_below.map(|c| c.to_string()).unwrap_or_default();
         let mut first = true;
         loop {
             let mut invocation = self.commit.prepare_invoke();
@@ -399,7 +402,7 @@ impl Sink {
                 .key(&keys.seen)
                 .key(&keys.digest)
                 .arg(&candidate)
-                .arg(entity.lookback)
+                .arg(&trim_below)
                 .arg(TRIM_BATCH)
                 .arg(if expect_state || !first { "1" } else { "0" });
             if first {

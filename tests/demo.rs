@@ -304,6 +304,8 @@ async fn the_demo_streams_both_entities_changing_and_ends_in_the_database_state(
         Duration::from_secs(60),
     );
     assert!(run.status.success(), "{}", run.describe());
+    // Nothing went wrong, so the screen holds changes only: no log line.
+    assert_eq!(run.stderr, "", "{}", run.describe());
 
     let customers = format!("{}:customers", env.prefix);
     let orders = format!("{}:orders", env.prefix);

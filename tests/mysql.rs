@@ -97,26 +97,6 @@ fn distinct_keys(messages: &[Message]) -> usize {
         .len()
 }
 
-/// A field of the state hash of an entity whose stream has its name
-/// (`<prefix>:{<entity>}:state:<entity>`).
-async fn state_field(env: &Env, entity: &str, field: &str) -> Option<String> {
-    let mut conn = redis_conn().await;
-    redis::cmd("HGET")
-        .arg(format!("{}:{{{entity}}}:state:{entity}", env.prefix))
-        .arg(field)
-        .query_async(&mut conn)
-        .await
-        .expect("HGET state")
-}
-
-async fn watermark(env: &Env, entity: &str) -> i64 {
-    state_field(env, entity, "watermark")
-        .await
-        .expect("a watermark after a cycle")
-        .parse()
-        .expect("the watermark is an integer")
-}
-
 /// The database's clock as `YYYY-MM-DD HH:MM:SS` (a second-precision DATETIME literal).
 async fn db_now_seconds(pool: &sqlx::MySqlPool) -> String {
     sqlx::query_scalar("SELECT CAST(NOW() AS CHAR)")
@@ -422,6 +402,68 @@ async fn late_commit_within_lookback_is_emitted_once() {
         messages[1].epoch < watermark_while_open,
         "the late row is stamped before the watermark it was committed after, so only the look-back finds it"
     );
+}
+
+/// A window whose start falls inside a second, on a 1-second `DATETIME`
+/// column: the agent asks from the start of that second and treats the
+/// whole second as in the window. A row committed late in that second is
+/// emitted once; rows of that second the last cycle sent are not sent again
+/// (the trim kept them); no warning.
+#[tokio::test]
+async fn a_row_in_the_window_s_first_second_is_emitted_once_without_a_warning() {
+    let env = Env::new();
+    let pool = mysql().await;
+    let table = unique("my_edge");
+    mysql_exec(
+        &pool,
+        &format!("CREATE TABLE {table} (id BIGINT PRIMARY KEY, name VARCHAR(20), updated_at DATETIME NOT NULL)"),
+    )
+    .await;
+    let config = config(
+        &env,
+        &table,
+        &format!(
+            "query = '''SELECT id, name, updated_at FROM {table} WHERE updated_at >= :since'''\n\
+             key = \"id\"\ncursor = \"updated_at\"\nlookback = \"3500ms\"\nstart = \"beginning\""
+        ),
+    );
+    // One row per second over the last half minute.
+    mysql_exec(
+        &pool,
+        &format!(
+            "INSERT INTO {table} SELECT seq, CONCAT('n', seq), UTC_TIMESTAMP() - INTERVAL (31 - seq) SECOND FROM seq_1_to_31"
+        ),
+    )
+    .await;
+    let (out, log) = once_logged(&config);
+    assert!(out.contains("31 rows read, 31 emitted"), "{out}");
+    assert!(!log.contains(BELOW_WINDOW_WARNING), "{log}");
+
+    // The next window starts 3.5 s before the watermark, inside a second.
+    let start = watermark(&env, &table).await - 3_500_000;
+    let boundary = chrono::DateTime::from_timestamp_micros(start.div_euclid(1_000_000) * 1_000_000)
+        .unwrap()
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string();
+    mysql_exec(
+        &pool,
+        &format!("INSERT INTO {table} VALUES (100, 'late', '{boundary}')"),
+    )
+    .await;
+    let (out, log) = once_logged(&config);
+    assert!(
+        out.contains(" 1 emitted"),
+        "only the late row is new: {out}"
+    );
+    assert!(!log.contains(BELOW_WINDOW_WARNING), "{log}");
+    let (out, log) = once_logged(&config);
+    assert!(out.contains(" 0 emitted"), "{out}");
+    assert!(!log.contains(BELOW_WINDOW_WARNING), "{log}");
+
+    let messages = read_stream(&table).await;
+    assert_eq!(messages.len(), 32, "31 rows and the late one, each once");
+    assert_eq!(names(&messages, "100"), ["late"]);
+    assert_eq!(distinct_keys(&messages), 32, "no key twice");
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ use common::*;
 /// text time), and a config polling it as entity and stream `name`.
 struct Fixture {
     /// Owns the temp dir holding the database and the config.
-    _env: Env,
+    env: Env,
     pool: sqlx::SqlitePool,
     name: String,
     config: PathBuf,
@@ -46,7 +46,7 @@ every = "1s"
         sqlite_url(&db)
     ));
     Fixture {
-        _env: env,
+        env,
         pool,
         name,
         config,
@@ -472,4 +472,92 @@ every = "1s"
         "{stderr}"
     );
     assert!(!missing.exists(), "the agent must not create the database");
+}
+
+/// A window whose start falls inside a second, on a text cursor bound as
+/// `YYYY-MM-DD HH:MM:SS`: the database is asked from the start of that
+/// second, so the agent treats the whole second as in the window. A row
+/// committed late in that second is emitted once; rows of that second sent
+/// by the last cycle are not sent again (the trim kept them); no warning.
+#[tokio::test]
+async fn a_row_in_the_window_s_first_second_is_emitted_once_without_a_warning() {
+    let f = fixture("sl_edge").await;
+    let config = f.config.with_file_name("edge.toml");
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&f.config).unwrap().replace(
+            "lookback = \"5m\"",
+            "lookback = \"3500ms\"\nstart = \"beginning\"",
+        ),
+    )
+    .unwrap();
+    // One row per second over the last half minute, in whole seconds.
+    sqlite_exec(
+        &f.pool,
+        "WITH RECURSIVE g(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM g WHERE n < 30) \
+         INSERT INTO t (id, name, updated_at) \
+         SELECT n + 1, 'n' || (n + 1), datetime('now', '-' || (30 - n) || ' seconds') FROM g",
+    )
+    .await;
+    let (out, log) = once_logged(&config);
+    assert!(out.contains("31 rows read, 31 emitted"), "{out}");
+    assert!(!log.contains(BELOW_WINDOW_WARNING), "{log}");
+
+    // The next window starts 3.5 s before the watermark, inside a second.
+    let start = watermark(&f.env, &f.name).await - 3_500_000;
+    let boundary = chrono::DateTime::from_timestamp_micros(start.div_euclid(1_000_000) * 1_000_000)
+        .unwrap()
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string();
+    sqlx::query("INSERT INTO t (id, name, updated_at) VALUES (100, 'late', ?1)")
+        .bind(&boundary)
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    let (out, log) = once_logged(&config);
+    assert!(
+        out.contains(" 1 emitted"),
+        "only the late row is new: {out}"
+    );
+    assert!(!log.contains(BELOW_WINDOW_WARNING), "{log}");
+    let (out, log) = once_logged(&config);
+    assert!(out.contains(" 0 emitted"), "{out}");
+    assert!(!log.contains(BELOW_WINDOW_WARNING), "{log}");
+
+    let messages = read_stream(&f.name).await;
+    assert_eq!(messages.len(), 32, "31 rows and the late one, each once");
+    assert_eq!(of_key(&messages, "100").len(), 1);
+    let mut keys: Vec<_> = messages.iter().map(|m| m.pkey.clone()).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 32, "no key twice");
+}
+
+/// A query that ignores `:since` really returns rows older than the window:
+/// those are ignored and the warning says so.
+#[tokio::test]
+async fn a_query_that_does_not_filter_on_since_is_warned_about() {
+    let f = fixture("sl_nofilter").await;
+    insert(&f.pool, 1, 3).await;
+    once_ok(&f.config);
+    sqlite_exec(
+        &f.pool,
+        "INSERT INTO t (id, name, updated_at) VALUES (4, 'old', datetime('now', '-1 hour'))",
+    )
+    .await;
+    let config = f.config.with_file_name("unfiltered.toml");
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&f.config)
+            .unwrap()
+            .replace(" WHERE updated_at >= :since", ""),
+    )
+    .unwrap();
+    let (out, log) = once_logged(&config);
+    assert!(out.contains("4 rows read, 0 emitted"), "{out}");
+    assert!(log.contains(BELOW_WINDOW_WARNING), "{log}");
+    assert!(
+        log.contains("rows=1"),
+        "one row is before the window: {log}"
+    );
 }

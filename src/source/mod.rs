@@ -461,8 +461,18 @@ impl Source {
         })
     }
 
+    /// The window the database is asked for when the agent means `since`:
+    /// the epoch of the value actually bound, in the precision the
+    /// parameter carries (see [`bound_epoch`]). Rows are checked against
+    /// this, not `since`, and the dedup state is trimmed below it: a row the
+    /// query rightly returns is never "below the window".
+    pub fn bound_since(&self, prepared: &Prepared, since: i64) -> i64 {
+        bound_epoch(prepared.since, self.backend, self.timezone, since)
+    }
+
     /// Streams the window's rows, fingerprinted but not decoded. `since` is
-    /// the window's start epoch ([`BEGINNING`] for everything). Each wait for
+    /// the window's start epoch ([`BEGINNING`] for everything), as
+    /// [`Source::bound_since`] gave it. Each wait for
     /// the next row is bounded by the source's timeout.
     pub fn changes<'a>(
         &'a self,
@@ -595,6 +605,51 @@ pub(crate) struct Described {
     /// How a time cursor's `:since` binds, if the parameter's type told;
     /// else the cursor column's type decides.
     time_binding: Option<SinceBinding>,
+}
+
+const SECOND_US: i64 = 1_000_000;
+
+/// The epoch of the `:since` value a backend binds for `since`, never after
+/// it. Where the parameter is coarser than the agent's microseconds the
+/// value is floored:
+///
+/// - SQLite text (`YYYY-MM-DD HH:MM:SS`) and unix seconds: to the second;
+/// - dates: to midnight in the source's time zone;
+/// - MySQL/MariaDB times: to the second. A `DATETIME`/`TIMESTAMP` column of
+///   lower precision than a fractional parameter compares differently
+///   across versions and column types; whole seconds compare exactly on all.
+///
+/// Naive times go through the time zone and back, so that in the hour
+/// repeated when clocks go back the bound is the instant a row stamped with
+/// that wall-clock time reads as. PostgreSQL times and version cursors
+/// bind exactly.
+pub(crate) fn bound_epoch(
+    binding: SinceBinding,
+    backend: Backend,
+    tz: chrono_tz::Tz,
+    since: i64,
+) -> i64 {
+    use crate::change::{epoch_to_naive, naive_to_epoch};
+    use chrono::Timelike;
+    if since == BEGINNING {
+        return since;
+    }
+    let whole_seconds = |epoch: i64| epoch.div_euclid(SECOND_US).saturating_mul(SECOND_US);
+    let naive = |floor: fn(chrono::NaiveDateTime) -> chrono::NaiveDateTime| {
+        naive_to_epoch(floor(epoch_to_naive(since, tz)), tz)
+    };
+    let to_second = |t: chrono::NaiveDateTime| t.with_nanosecond(0).unwrap_or(t);
+    let bound = match (binding, backend) {
+        (SinceBinding::Integer, _) => since,
+        (SinceBinding::Utc, Backend::Postgres) => since,
+        (SinceBinding::Naive | SinceBinding::Text, Backend::Postgres) => naive(|t| t),
+        (SinceBinding::UnixSeconds, _) | (SinceBinding::Utc, _) => whole_seconds(since),
+        (SinceBinding::Naive | SinceBinding::Text | SinceBinding::SqliteText, _) => {
+            naive(to_second)
+        }
+        (SinceBinding::Date, _) => naive(|t| t.date().and_time(chrono::NaiveTime::MIN)),
+    };
+    bound.min(since)
 }
 
 /// Floor of an epoch for a bind in whole seconds.

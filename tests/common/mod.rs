@@ -112,6 +112,22 @@ pub fn once_ok(config: &Path) -> String {
     stdout
 }
 
+/// [`once_ok`], returning stdout and stderr (the agent's log lines).
+pub fn once_logged(config: &Path) -> (String, String) {
+    let out = highwater(&["once", "--config", config.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "highwater once failed ({}):\nstdout: {stdout}\nstderr: {stderr}",
+        out.status
+    );
+    (stdout, stderr)
+}
+
+/// The warning a cycle logs when its query returned rows below the window.
+pub const BELOW_WINDOW_WARNING: &str = "cursor is before the window start";
+
 /// `highwater once` expected to fail: returns stderr.
 pub fn once_err(config: &Path) -> String {
     let out = highwater(&["once", "--config", config.to_str().unwrap()]);
@@ -166,6 +182,26 @@ pub async fn read_stream(stream: &str) -> Vec<Message> {
             }
         })
         .collect()
+}
+
+/// A field of the state hash of an entity whose stream has its name
+/// (`<prefix>:{<entity>}:state:<entity>`).
+pub async fn state_field(env: &Env, entity: &str, field: &str) -> Option<String> {
+    let mut conn = redis_conn().await;
+    redis::cmd("HGET")
+        .arg(format!("{}:{{{entity}}}:state:{entity}", env.prefix))
+        .arg(field)
+        .query_async(&mut conn)
+        .await
+        .expect("HGET state")
+}
+
+pub async fn watermark(env: &Env, entity: &str) -> i64 {
+    state_field(env, entity, "watermark")
+        .await
+        .expect("a watermark after a cycle")
+        .parse()
+        .expect("the watermark is an integer")
 }
 
 /// Deletes a stream (tests that reuse a name across runs).
