@@ -137,6 +137,14 @@ async fn feed(
         .query_async::<()>(&mut conn)
         .await
         .map_err(|e| format!("cannot clear the ceiling keys: {e}"))?;
+    // Fenced like the agent's writes: the script checks this lease per chunk.
+    let lease = "1 sink-ceiling";
+    redis::cmd("SET")
+        .arg(&keys.lease)
+        .arg(lease)
+        .query_async::<()>(&mut conn)
+        .await
+        .map_err(|e| format!("cannot set the ceiling's lease: {e}"))?;
 
     let mut spent = Duration::ZERO;
     // As in a cycle: the first chunk that emits creates the state hash,
@@ -152,7 +160,7 @@ async fn feed(
         }
         let started = Instant::now();
         let (emitted, _) = sink
-            .apply_chunk(settings, &keys, &batch, expect_state)
+            .apply_chunk(settings, &keys, &batch, expect_state, Some(lease))
             .await
             .map_err(|e| highwater::agent::error_chain(&e))?;
         spent += started.elapsed();

@@ -14,23 +14,33 @@
 -- caller repeats the call while it trims a full batch, so a large trim never
 -- blocks Redis for long.
 --
--- KEYS[1] state, KEYS[2] seen, KEYS[3] digest
+-- KEYS[1] state, KEYS[2] seen, KEYS[3] digest, KEYS[4] lease
 -- ARGV[1] candidate watermark ("" = keep the old one)
 -- ARGV[2] trim below this epoch ("" = trim nothing)
 -- ARGV[3] trim batch size
 -- ARGV[4] "1" if the state hash must exist (the cycle started from it or
 --         one of its chunks created it)
--- ARGV[5..] field, value pairs recorded in the state hash (last cycle's figures)
+-- ARGV[5] the caller's lease value ("" = unfenced); a value that is not the
+--         lease's current one fails with "HWFENCED <current value>" and
+--         changes nothing (the fence, as in lua/dedup.lua)
+-- ARGV[6..] field, value pairs recorded in the state hash (last cycle's figures)
 --
 -- Returns {watermark or false, trimmed}; false, changing nothing, when the
 -- state hash must exist but does not (Redis lost it during the cycle: a
 -- commit would recreate it and hide the loss).
 
-local state, seen, digests = KEYS[1], KEYS[2], KEYS[3]
+local state, seen, digests, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local candidate, below, batch = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 if ARGV[4] == '1' and redis.call('EXISTS', state) == 0 then
   return false
+end
+
+if ARGV[5] ~= '' then
+  local current = redis.call('GET', lease)
+  if current ~= ARGV[5] then
+    return redis.error_reply('HWFENCED ' .. (current or ''))
+  end
 end
 
 local watermark = redis.call('HGET', state, 'watermark')
@@ -39,7 +49,7 @@ if candidate ~= '' and (not watermark or tonumber(candidate) > tonumber(watermar
   redis.call('HSET', state, 'watermark', watermark)
 end
 
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   redis.call('HSET', state, ARGV[i], ARGV[i + 1])
 end
 

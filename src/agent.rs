@@ -14,6 +14,7 @@ use rand::Rng;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{Config, EntitySettings};
+use crate::lease::{holder_of, Claim, Keeper, Leases, Outcome};
 use crate::poller::{run_cycle, CycleError, CycleReport, EntityMemory};
 use crate::sink::{Sink, SinkError};
 use crate::source::{Prepared, Source, SourceError};
@@ -50,36 +51,128 @@ pub fn sources(config: &Config) -> Result<BTreeMap<String, Arc<Source>>, SourceE
         .collect()
 }
 
-/// Runs one cycle of each selected entity, concurrently. Each entity's
-/// result is reported separately; Redis unreachable fails them all at once.
+/// What `once` did with one entity.
+#[derive(Debug)]
+pub enum OnceOutcome {
+    /// The cycle ran.
+    Done(CycleReport),
+    /// Another agent holds the entity's lease: skipped (nothing written).
+    Held {
+        /// The holder's agent id.
+        holder: String,
+        /// How long its lease lasts unless renewed.
+        expires_in: Option<Duration>,
+    },
+}
+
+/// Runs one cycle of each selected entity, concurrently, each under the
+/// entity's lease: an entity another agent holds is skipped
+/// ([`OnceOutcome::Held`]), or with `wait_for_lease` waited for. Each
+/// entity's result is reported separately; Redis unreachable fails them all
+/// at once. The leases are released at the end.
 pub async fn once(
     config: &Config,
     only: Option<&str>,
-) -> Result<Vec<(String, Result<CycleReport, AgentError>)>, AgentError> {
+    wait_for_lease: bool,
+) -> Result<Vec<(String, Result<OnceOutcome, AgentError>)>, AgentError> {
     let entities = config.select_entities(only).map_err(AgentError::Usage)?;
     let sink = Sink::connect(&config.redis).await?;
     let sources = sources(config)?;
+    let leases = Leases::new(&sink, config);
+    let claims: Vec<Arc<Claim>> = entities
+        .iter()
+        .map(|e| Arc::new(Claim::new(&e.name, sink.keys(e), leases.agent())))
+        .collect();
+    // Renews the leases while long cycles run.
+    let (keeper_stop_tx, keeper_stop) = watch::channel(false);
+    let keeper = tokio::spawn(Keeper::new(leases.clone(), claims.clone(), false).run(keeper_stop));
     // A `once` is never interrupted: the receiver stays false.
     let (_keep, stop) = watch::channel(false);
-    let cycles = entities.into_iter().map(|entity| {
+    let cycles = entities.into_iter().zip(&claims).map(|(entity, claim)| {
         let source = &sources[&entity.source];
-        let (sink, stop) = (&sink, &stop);
+        let (sink, stop, leases) = (&sink, &stop, &leases);
         async move {
             let result = async {
+                let value = match take_lease(leases, claim, wait_for_lease).await? {
+                    Ok(value) => value,
+                    Err(held) => return Ok(held),
+                };
                 let prepared = source.prepare(entity).await?;
                 let mut memory = EntityMemory::single_cycle();
-                Ok(run_cycle(entity, source, &prepared, sink, stop, &mut memory).await?)
+                let cycle = run_cycle(
+                    entity,
+                    source,
+                    &prepared,
+                    sink,
+                    stop,
+                    &mut memory,
+                    Some((&value, leases.lease())),
+                )
+                .await;
+                match cycle {
+                    Ok(report) => Ok(OnceOutcome::Done(report)),
+                    Err(CycleError::LeaseLost { holder, .. }) => {
+                        claim.lose(&value, holder.as_deref());
+                        Ok(OnceOutcome::Held {
+                            holder: holder.as_deref().map_or("nobody", holder_of).to_owned(),
+                            expires_in: None,
+                        })
+                    }
+                    Err(e) => Err(e.into()),
+                }
             }
             .await;
             (entity.name.clone(), result)
         }
     });
     let results = futures_util::future::join_all(cycles).await;
+    let _ = keeper_stop_tx.send(true);
+    if let Ok(keeper) = keeper.await {
+        keeper.release_all().await;
+    }
     for source in sources.values() {
         source.close().await;
     }
     Ok(results)
 }
+
+/// Takes the entity's lease for `once`: the value, or who holds it. With
+/// `wait`, retries until the holder gives it up or stops renewing it.
+async fn take_lease(
+    leases: &Leases,
+    claim: &Claim,
+    wait: bool,
+) -> Result<Result<String, OnceOutcome>, AgentError> {
+    let mut said = false;
+    loop {
+        match leases.acquire(&claim.entity, &claim.keys).await? {
+            Outcome::Acquired { value, .. } | Outcome::Renewed { value } => {
+                claim.take(value.clone());
+                return Ok(Ok(value));
+            }
+            Outcome::Held { value, expires_in } if !wait => {
+                return Ok(Err(OnceOutcome::Held {
+                    holder: holder_of(&value).to_owned(),
+                    expires_in: Some(expires_in),
+                }))
+            }
+            Outcome::Held { value, expires_in } if !said => {
+                said = true;
+                eprintln!(
+                    "{}: held by agent {} (lease expires in {:.1}s unless renewed); waiting for it",
+                    claim.entity,
+                    holder_of(&value),
+                    expires_in.as_secs_f64()
+                );
+            }
+            _ => {}
+        }
+        tokio::time::sleep(LEASE_POLL.min(leases.lease() / 4)).await;
+    }
+}
+
+/// How often `once --wait` asks for a held lease.
+const LEASE_POLL: Duration = Duration::from_millis(250);
 
 /// Polls every entity on its schedule until `shutdown` resolves, then lets
 /// each finish the chunk in flight and returns.
@@ -156,9 +249,39 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let config = Arc::new(config);
     let (fatal_tx, mut fatal) = mpsc::channel::<AgentError>(1);
     let pause = spawn_memory_watch(sink.clone(), config.redis.pause_at_memory, stop.clone());
+    // The leases: this agent's share of the entities, taken before the
+    // first cycles so that they start at once.
+    let leases = Leases::new(&sink, &config);
+    metrics.register_agent(leases.agent());
+    let fenced = !crate::fault::unfenced();
+    let claims: BTreeMap<String, Arc<Claim>> = config
+        .entities
+        .values()
+        .map(|e| {
+            let claim = Claim::new(&e.name, sink.keys(e), leases.agent());
+            (e.name.clone(), Arc::new(claim))
+        })
+        .collect();
+    let keeper = if fenced {
+        let keeper = Keeper::new(leases.clone(), claims.values().cloned().collect(), true);
+        if let Err(e) = keeper.tick().await {
+            tracing::warn!(error = %error_chain(&e), "leases: cannot take any yet; will retry");
+        }
+        Some(tokio::spawn(keeper.run(stop.clone())))
+    } else {
+        tracing::warn!(
+            "HIGHWATER_UNFENCED=1: no leases, every entity is written unfenced (a test setting)"
+        );
+        None
+    };
     let mut tasks = Vec::new();
     for entity in config.entities.values() {
+        if !fenced {
+            metrics.record_lease_held(&entity.name, true);
+        }
         let task = EntityTask {
+            claim: fenced.then(|| Arc::clone(&claims[&entity.name])),
+            lease: leases.lease(),
             config: Arc::clone(&config),
             entity: entity.name.clone(),
             source: Arc::clone(&sources[&entity.source]),
@@ -171,7 +294,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         };
         tasks.push(tokio::spawn(task.run()));
     }
-    tracing::info!(entities = tasks.len(), "polling");
+    tracing::info!(entities = tasks.len(), agent = %leases.agent(), lease = ?leases.lease(), "polling");
 
     drop(fatal_tx);
     let outcome = tokio::select! {
@@ -191,6 +314,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     for task in tasks {
         if let Err(e) = task.await {
             tracing::error!(error = %e, "an entity task panicked");
+        }
+    }
+    // Every cycle has stopped: the leases go at once, so that another agent
+    // takes over within its next tick instead of after the lease.
+    if let Some(keeper) = keeper {
+        if let Ok(keeper) = keeper.await {
+            keeper.release_all().await;
         }
     }
     for source in sources.values() {
@@ -261,6 +391,10 @@ async fn connect_with_retry(config: &Config, mut stop: watch::Receiver<bool>) ->
 
 /// One entity's polling loop.
 struct EntityTask {
+    /// The entity's lease; `None`: unfenced (no leases at all).
+    claim: Option<Arc<Claim>>,
+    /// How long a renewal lasts.
+    lease: Duration,
     config: Arc<Config>,
     entity: String,
     source: Arc<Source>,
@@ -286,8 +420,17 @@ impl EntityTask {
         let mut next = origin;
         loop {
             let wait = (next - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            let claim = self.claim.clone();
+            let taken = async {
+                match &claim {
+                    Some(claim) => claim.taken().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
+                // A lease just taken: poll at once.
+                () = taken => {}
                 _ = self.stop.changed() => return,
             }
             if *self.stop.borrow() {
@@ -302,7 +445,35 @@ impl EntityTask {
                 next = Utc::now();
                 continue;
             }
-            match self.cycle().await {
+            // Standing by while another agent holds the entity.
+            let value = match &self.claim {
+                Some(claim) => match claim.begin_cycle() {
+                    Some(value) => Some(value),
+                    None => {
+                        next = self.settings().schedule.next_after(Utc::now(), origin);
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let started = std::time::Instant::now();
+            let result = self.cycle(value.as_deref()).await;
+            if let (Some(claim), Some(value)) = (&self.claim, &value) {
+                claim.end_cycle();
+                if result.is_ok() {
+                    claim.renewed_since(value, started);
+                }
+            }
+            match result {
+                Err(CycleError::LeaseLost { holder, .. }) => {
+                    // Not a failure: another agent writes the entity now.
+                    if let (Some(claim), Some(value)) = (&self.claim, &value) {
+                        claim.lose(value, holder.as_deref());
+                    }
+                    self.memory.forget();
+                    failures = 0;
+                    next = self.settings().schedule.next_after(Utc::now(), origin);
+                }
                 Ok(report) => {
                     failures = 0;
                     log_cycle(&report);
@@ -357,7 +528,7 @@ impl EntityTask {
         .await;
     }
 
-    async fn cycle(&mut self) -> Result<CycleReport, CycleError> {
+    async fn cycle(&mut self, lease: Option<&str>) -> Result<CycleReport, CycleError> {
         let prepared = match self.prepared.take() {
             Some(prepared) => prepared,
             None => self.source.prepare(self.settings()).await?,
@@ -370,6 +541,7 @@ impl EntityTask {
             &self.sink,
             &self.stop,
             &mut self.memory,
+            lease.map(|value| (value, self.lease)),
         )
         .await;
         self.prepared = Some(prepared);

@@ -31,6 +31,10 @@ pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9187";
 /// Default number of intervals without a completed cycle after which
 /// `/healthz` reports an entity unhealthy.
 pub const DEFAULT_UNHEALTHY_AFTER_INTERVALS: u32 = 3;
+/// How long an entity stays with an agent that stopped renewing its lease.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+/// The shortest lease: renewals run a few times per lease.
+pub const MIN_LEASE: Duration = Duration::from_millis(500);
 
 /// A configuration error: which file, and what is wrong in it.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +79,17 @@ struct RawConfig {
     entities: BTreeMap<String, RawEntity>,
     /// The HTTP endpoint of `highwater run` (`/metrics`, `/healthz`).
     http: Option<RawHttp>,
+    /// This agent among others running the same config (leases).
+    agent: Option<RawAgent>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    /// Name of this agent in `status`, logs and metrics; default `<hostname>-<pid>`. Unique per running agent.
+    id: Option<String>,
+    /// How long an entity stays with an agent that stopped renewing (killed, cut off, paused) before another takes it over.
+    lease: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -185,6 +200,16 @@ pub struct Config {
     pub sources: BTreeMap<String, SourceSettings>,
     pub entities: BTreeMap<String, EntitySettings>,
     pub http: HttpSettings,
+    pub agent: AgentSettings,
+}
+
+/// This agent among the agents running one config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSettings {
+    /// Shown in `status`, logs and metrics; `<hostname>-<pid>` unless configured.
+    pub id: String,
+    /// How long a lease lasts without renewal (on Redis's clock).
+    pub lease: Duration,
 }
 
 /// The HTTP endpoint of `run`.
@@ -521,6 +546,7 @@ fn validate(path: &Path, base_dir: &Path, raw: RawConfig) -> Result<Config, Conf
     }
 
     let http = validate_http(&mut problems, raw.http);
+    let agent = validate_agent(&mut problems, raw.agent);
 
     let mut entities = BTreeMap::new();
     for (name, e) in raw.entities {
@@ -539,6 +565,7 @@ fn validate(path: &Path, base_dir: &Path, raw: RawConfig) -> Result<Config, Conf
             sources,
             entities,
             http,
+            agent,
         })
     } else {
         Err(ConfigError::Invalid {
@@ -794,6 +821,43 @@ fn validate_http(problems: &mut Vec<String>, raw: Option<RawHttp>) -> HttpSettin
         listen_configured,
         unhealthy_after_intervals,
     }
+}
+
+fn validate_agent(problems: &mut Vec<String>, raw: Option<RawAgent>) -> AgentSettings {
+    let (id, lease) = match raw {
+        Some(a) => (a.id, a.lease),
+        None => (None, None),
+    };
+    let id = match id {
+        Some(id) if id.is_empty() || id.len() > 200 || id.chars().any(char::is_control) => {
+            problems.push(format!(
+                "agent.id: {id:?} is not a name (1 to 200 characters, no control characters)"
+            ));
+            id
+        }
+        Some(id) => id,
+        None => default_agent_id(),
+    };
+    let lease = duration_or(problems, "agent.lease", lease.as_deref(), DEFAULT_LEASE);
+    if lease < MIN_LEASE {
+        problems.push(format!(
+            "agent.lease: {} is too short (at least {}: it is renewed a few times per lease)",
+            humantime::format_duration(lease),
+            humantime::format_duration(MIN_LEASE)
+        ));
+    }
+    AgentSettings { id, lease }
+}
+
+/// `<hostname>-<pid>`: unique among the agents of one machine, and says where to look.
+pub fn default_agent_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "highwater".to_owned());
+    format!("{host}-{}", std::process::id())
 }
 
 fn duration_or(

@@ -2,7 +2,8 @@
 //! `after-chunk:N` (after the N-th chunk of a cycle was applied) or
 //! `before-commit` (after the last chunk, before the commit script), the
 //! process aborts there, like `kill -9` at the worst moment. Unset, each
-//! check is one read of a value parsed once.
+//! check is one read of a value parsed once. `HIGHWATER_UNFENCED=1` turns
+//! the leases off (see [`unfenced`]).
 
 use std::sync::OnceLock;
 
@@ -43,4 +44,12 @@ pub fn before_commit() {
     if crash_point() == Some(CrashPoint::BeforeCommit) {
         crash("before the commit");
     }
+}
+
+/// `HIGHWATER_UNFENCED=1`: `run` takes no leases and writes every entity
+/// unfenced, as highwater did before leases. Only for the model test's
+/// honesty check, which must see two such agents break the order guarantee.
+pub fn unfenced() -> bool {
+    static UNFENCED: OnceLock<bool> = OnceLock::new();
+    *UNFENCED.get_or_init(|| std::env::var("HIGHWATER_UNFENCED").is_ok_and(|v| v == "1"))
 }

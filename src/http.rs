@@ -47,6 +47,17 @@ impl Health {
         let mut healthy = true;
         let mut text = String::new();
         for (entity, interval) in &self.entities {
+            // Another agent polls it: standing by is this agent's job, as
+            // long as it can tell (Redis answered its lease keeper lately).
+            let checked = metrics.leases_checked_ago();
+            if !metrics.lease_held(entity)
+                && checked.is_some_and(|ago| ago <= *interval + LEASE_CHECK_SLACK)
+            {
+                text.push_str(&format!(
+                    "{entity}: ok (standing by: another agent holds its lease)\n"
+                ));
+                continue;
+            }
             let limit = interval.saturating_mul(self.intervals);
             let last = metrics.last_success(entity);
             let since = last.unwrap_or(self.started).elapsed();
@@ -72,6 +83,9 @@ impl Health {
         (healthy, format!("{verdict}{text}"))
     }
 }
+
+/// How stale the lease keeper's knowledge may be for a standby to count as healthy.
+const LEASE_CHECK_SLACK: Duration = Duration::from_secs(5);
 
 fn seconds(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())

@@ -16,6 +16,8 @@ pub mod demo;
 pub mod fault;
 /// `run`'s HTTP endpoint: `/metrics` and `/healthz`.
 pub mod http;
+/// Who may write an entity: fenced leases, and the agents sharing the entities.
+pub mod lease;
 /// Metric names (`highwater_*`), the registry and its Prometheus text.
 pub mod metrics;
 /// One cycle of one entity: window, chunks, commit.

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use highwater::agent::{self, error_chain};
+use highwater::agent::{self, error_chain, OnceOutcome};
 use highwater::config::Config;
 use highwater::telemetry::{init_logging, LogFormat};
 
@@ -34,11 +34,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run one cycle per entity, print what each did, exit non-zero if any failed.
+    /// Run one cycle per entity, print what each did. Exit 0: all ran; 1: one
+    /// failed; 75: none failed, but another agent holds one (skipped).
     Once {
         /// Only this entity.
         #[arg(long)]
         entity: Option<String>,
+        /// Wait for an entity another agent holds instead of skipping it.
+        #[arg(long)]
+        wait: bool,
     },
     /// Poll on the schedules until SIGINT or SIGTERM.
     Run,
@@ -155,7 +159,7 @@ async fn async_main(cli: Cli) -> ExitCode {
         Err(e) => return fail(&e),
     };
     match cli.command {
-        Command::Once { entity } => once(&config, entity.as_deref()).await,
+        Command::Once { entity, wait } => once(&config, entity.as_deref(), wait).await,
         Command::Run => match agent::run(config, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
@@ -222,21 +226,35 @@ async fn status(config: &Config, entity: Option<&str>, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn once(config: &Config, entity: Option<&str>) -> ExitCode {
-    let results = match agent::once(config, entity).await {
+/// `once`'s exit status when no entity failed but one was skipped because
+/// another agent holds it (sysexits' EX_TEMPFAIL: try again later).
+const EXIT_HELD: u8 = 75;
+
+async fn once(config: &Config, entity: Option<&str>, wait: bool) -> ExitCode {
+    let results = match agent::once(config, entity, wait).await {
         Ok(results) => results,
         Err(e) => return fail(&e),
     };
-    let mut failed = false;
+    let (mut failed, mut held) = (false, false);
     for (name, result) in results {
         match result {
-            Ok(r) => println!(
+            Ok(OnceOutcome::Done(r)) => println!(
                 "{name}: {} rows read, {} emitted, {} skipped in {:.3}s",
                 r.rows,
                 r.emitted,
                 r.skipped,
                 r.duration.as_secs_f64()
             ),
+            Ok(OnceOutcome::Held { holder, expires_in }) => {
+                held = true;
+                match expires_in {
+                    Some(left) => println!(
+                        "{name}: held by agent {holder} (its lease runs {:.1}s more unless renewed); skipped",
+                        left.as_secs_f64()
+                    ),
+                    None => println!("{name}: taken over by agent {holder} during the cycle; stopped"),
+                }
+            }
             Err(e) => {
                 failed = true;
                 eprintln!("error: {}", error_chain(&e));
@@ -245,6 +263,8 @@ async fn once(config: &Config, entity: Option<&str>) -> ExitCode {
     }
     if failed {
         ExitCode::FAILURE
+    } else if held {
+        ExitCode::from(EXIT_HELD)
     } else {
         ExitCode::SUCCESS
     }

@@ -47,6 +47,14 @@ pub const SOURCE_CONNECTION_ERRORS_TOTAL: &str = "highwater_source_connection_er
 pub const REDIS_CONNECTION_ERRORS_TOTAL: &str = "highwater_redis_connection_errors_total";
 /// Always 1; label version. Gauge.
 pub const BUILD_INFO: &str = "highwater_build_info";
+/// Always 1; label agent (this agent's id). Gauge.
+pub const AGENT_INFO: &str = "highwater_agent_info";
+/// 1 while this agent holds the entity's lease (it polls the entity), 0 while it stands by. Gauge; label entity.
+pub const LEASE_HELD: &str = "highwater_lease_held";
+/// Leases this agent took over from another agent. Counter; label entity.
+pub const LEASE_TAKEOVERS_TOTAL: &str = "highwater_lease_takeovers_total";
+/// Leases this agent lost to another agent or to expiry while it held them. Counter; label entity.
+pub const LEASES_LOST_TOTAL: &str = "highwater_leases_lost_total";
 
 /// How long reading the gauges' sizes from Redis may take after a cycle.
 const REDIS_READ_TIMEOUT: Duration = Duration::from_secs(2);
@@ -98,6 +106,9 @@ struct Registry {
     entities: BTreeMap<String, EntityMetrics>,
     source_connection_errors: BTreeMap<String, u64>,
     redis_connection_errors: u64,
+    agent: Option<String>,
+    /// When the lease keeper last heard from Redis.
+    leases_checked: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -117,6 +128,9 @@ struct EntityMetrics {
     stream_entries: Option<u64>,
     last_success: Option<(SystemTime, Instant)>,
     rows_in_progress: u64,
+    lease_held: bool,
+    takeovers: u64,
+    leases_lost: u64,
 }
 
 /// The process's registry.
@@ -258,6 +272,50 @@ impl Metrics {
         }
     }
 
+    /// This agent's id, for [`AGENT_INFO`].
+    pub fn register_agent(&self, agent: &str) {
+        self.registry().agent = Some(agent.to_owned());
+    }
+
+    /// This agent took (`true`) or gave up or lost (`false`) the entity's lease.
+    pub fn record_lease_held(&self, entity: &str, held: bool) {
+        if let Some(m) = self.registry().entities.get_mut(entity) {
+            m.lease_held = held;
+        }
+    }
+
+    /// This agent took the entity over from another agent.
+    pub fn record_takeover(&self, entity: &str) {
+        if let Some(m) = self.registry().entities.get_mut(entity) {
+            m.takeovers += 1;
+        }
+    }
+
+    /// This agent lost the entity's lease while it held it.
+    pub fn record_lease_lost(&self, entity: &str) {
+        if let Some(m) = self.registry().entities.get_mut(entity) {
+            m.leases_lost += 1;
+        }
+    }
+
+    /// The lease keeper's round succeeded: what it knows of the leases is current.
+    pub fn record_leases_checked(&self) {
+        self.registry().leases_checked = Some(Instant::now());
+    }
+
+    /// How long ago the lease keeper last heard from Redis.
+    pub fn leases_checked_ago(&self) -> Option<Duration> {
+        self.registry().leases_checked.map(|at| at.elapsed())
+    }
+
+    /// Does this agent hold the entity's lease (poll it)?
+    pub fn lease_held(&self, entity: &str) -> bool {
+        self.registry()
+            .entities
+            .get(entity)
+            .is_some_and(|m| m.lease_held)
+    }
+
     /// When the entity last completed a cycle (committed), on the monotonic clock.
     pub fn last_success(&self, entity: &str) -> Option<Instant> {
         self.registry()
@@ -293,6 +351,16 @@ impl Metrics {
             env!("CARGO_PKG_VERSION")
         );
 
+        if let Some(agent) = &registry.agent {
+            header(
+                &mut out,
+                AGENT_INFO,
+                "gauge",
+                "Always 1; the agent label is this agent's id.",
+            );
+            let _ = writeln!(out, "{AGENT_INFO}{{agent=\"{}\"}} 1", escape(agent));
+        }
+
         header(
             &mut out,
             CYCLES_TOTAL,
@@ -312,7 +380,7 @@ impl Metrics {
         }
 
         type Counter = (&'static str, &'static str, fn(&EntityMetrics) -> u64);
-        let counters: [Counter; 3] = [
+        let counters: [Counter; 5] = [
             (ROWS_READ_TOTAL, "Rows the polling query returned.", |m| {
                 m.rows
             }),
@@ -325,6 +393,16 @@ impl Metrics {
                 ROWS_SKIPPED_TOTAL,
                 "Rows skipped because their version was already on the stream.",
                 |m| m.skipped,
+            ),
+            (
+                LEASE_TAKEOVERS_TOTAL,
+                "Leases this agent took over from another agent.",
+                |m| m.takeovers,
+            ),
+            (
+                LEASES_LOST_TOTAL,
+                "Leases this agent lost to another agent or to expiry while it held them.",
+                |m| m.leases_lost,
             ),
         ];
         for (metric, help, value) in counters {
@@ -398,6 +476,13 @@ impl Metrics {
                     .filter(|_| time_cursor(m))
                     .map(|w| ((now_us + m.clock_offset_us - w) as f64 / 1e6).max(0.0))
             },
+        );
+        gauge(
+            &mut out,
+            LEASE_HELD,
+            "1 while this agent holds the entity's lease and polls it, 0 while it stands by.",
+            entities,
+            |m| Some(if m.lease_held { 1.0 } else { 0.0 }),
         );
         gauge(
             &mut out,

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use crate::change::Change;
 use crate::config::{CursorKind, EntitySettings, OnStateLoss, Start};
-use crate::sink::{CycleFigures, Sink, SinkError};
+use crate::sink::{Commit, CycleFigures, LeaseRenewal, Sink, SinkError};
 use crate::source::{Prepared, RawRow, Scratch, Source, SourceError, BEGINNING};
 
 /// Why a cycle failed.
@@ -25,6 +25,13 @@ pub enum CycleError {
     Sink(#[from] SinkError),
     #[error("entity {entity}: Redis lost this entity's state ({evidence}); not starting over silently. Restore Redis (and run it with persistence), or set on_state_loss = \"resnapshot\" to re-read everything the query returns")]
     StateLost { entity: String, evidence: String },
+    /// Another agent holds the entity now (`holder`, its lease value), or
+    /// the lease expired: this cycle wrote nothing after that, and stops.
+    #[error("entity {entity}: this agent no longer holds its lease ({})", holder.as_deref().map_or("it expired", crate::lease::holder_of))]
+    LeaseLost {
+        entity: String,
+        holder: Option<String>,
+    },
 }
 
 impl CycleError {
@@ -34,6 +41,7 @@ impl CycleError {
             CycleError::Source(e) => e.is_transient(),
             CycleError::Sink(e) => e.is_transient(),
             CycleError::StateLost { .. } => false,
+            CycleError::LeaseLost { .. } => true,
         }
     }
 }
@@ -63,6 +71,13 @@ pub struct EntityMemory {
 }
 
 impl EntityMemory {
+    /// Forgets what was confirmed: another agent may write the entity's
+    /// state from now on, so Redis decides every row again.
+    pub fn forget(&mut self) {
+        self.confirmed.clear();
+        self.writes = None;
+    }
+
     /// The memory of a process that runs one cycle and exits: it remembers nothing.
     pub fn single_cycle() -> EntityMemory {
         EntityMemory {
@@ -304,7 +319,10 @@ pub struct CycleReport {
 }
 
 /// Runs one cycle. `stop` turning true ends the cycle after the chunk in
-/// flight, without committing.
+/// flight, without committing. `lease`: the caller's lease value and how
+/// long a renewal lasts; every write is fenced with it (the state read
+/// renews it), and a write refused as stale ends the cycle with
+/// [`CycleError::LeaseLost`]. `None` writes unfenced.
 pub async fn run_cycle(
     entity: &EntitySettings,
     source: &Source,
@@ -312,12 +330,21 @@ pub async fn run_cycle(
     sink: &Sink,
     stop: &watch::Receiver<bool>,
     memory: &mut EntityMemory,
+    lease: Option<(&str, Duration)>,
 ) -> Result<CycleReport, CycleError> {
     let started = Instant::now();
     let started_at_ms = chrono::Utc::now().timestamp_millis();
     let keys = sink.keys(entity);
+    let fence = lease.map(|(value, _)| value);
 
-    let state = sink.snapshot(&entity.name, &keys).await?;
+    let state = sink.snapshot(&entity.name, &keys, lease).await?;
+    if let LeaseRenewal::Lost { holder } = state.lease {
+        memory.forget();
+        return Err(CycleError::LeaseLost {
+            entity: entity.name.clone(),
+            holder,
+        });
+    }
     let mut watermark = state.watermark;
     let lost = if state.digests_vanished() {
         Some(format!(
@@ -429,13 +456,13 @@ pub async fn run_cycle(
         let mut next = Chunk::with_capacity(if ended { 0 } else { entity.chunk_rows });
         let (applied, filled) = if ended {
             (
-                sink.apply_chunk(entity, &keys, &current.changes, expect_state)
+                sink.apply_chunk(entity, &keys, &current.changes, expect_state, fence)
                     .await,
                 Ok(true),
             )
         } else {
             tokio::join!(
-                sink.apply_chunk(entity, &keys, &current.changes, expect_state),
+                sink.apply_chunk(entity, &keys, &current.changes, expect_state, fence),
                 window.fill(&mut next)
             )
         };
@@ -509,7 +536,17 @@ pub async fn run_cycle(
             db_now: t0,
         };
         report.watermark = sink
-            .commit(entity, &keys, candidate, trim_below, &figures, expect_state)
+            .commit(
+                entity,
+                &keys,
+                &Commit {
+                    candidate,
+                    trim_below,
+                    figures: &figures,
+                    expect_state,
+                    fence,
+                },
+            )
             .await
             .map_err(|e| state_vanished(entity, memory, e))?;
         memory.had_state = true;
@@ -528,6 +565,13 @@ fn state_vanished(
     memory: &mut EntityMemory,
     error: SinkError,
 ) -> CycleError {
+    if let SinkError::Fenced { holder, .. } = error {
+        memory.forget();
+        return CycleError::LeaseLost {
+            entity: entity.name.clone(),
+            holder,
+        };
+    }
     if !matches!(error, SinkError::StateVanished { .. }) {
         return error.into();
     }

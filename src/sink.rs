@@ -17,6 +17,7 @@ use crate::config::{mask_url, EntitySettings, RedisSettings};
 
 const DEDUP_LUA: &str = include_str!("../lua/dedup.lua");
 const COMMIT_LUA: &str = include_str!("../lua/commit.lua");
+const BEGIN_LUA: &str = include_str!("../lua/begin.lua");
 /// Members trimmed per call of the commit script.
 const TRIM_BATCH: usize = 10_000;
 
@@ -51,6 +52,15 @@ pub enum SinkError {
         entity: String,
         action: &'static str,
     },
+    /// The caller's lease is not the entity's current one: another agent
+    /// holds it (`holder`, its lease value) or nobody does (`None`).
+    /// Nothing was written.
+    #[error("entity {entity}: {action} was refused: this agent no longer holds the lease ({})", holder.as_deref().unwrap_or("it expired"))]
+    Fenced {
+        entity: String,
+        action: &'static str,
+        holder: Option<String>,
+    },
 }
 
 impl SinkError {
@@ -64,6 +74,8 @@ impl SinkError {
             SinkError::Reply { .. } => false,
             // The next cycle finds the state missing and acts per on_state_loss.
             SinkError::StateVanished { .. } => true,
+            // The agent stands by; a lease it takes later writes again.
+            SinkError::Fenced { .. } => true,
         }
     }
 
@@ -73,7 +85,9 @@ impl SinkError {
             SinkError::Connect { error, .. } | SinkError::Command { error, .. } => {
                 error.code() == Some("OOM")
             }
-            SinkError::Reply { .. } | SinkError::StateVanished { .. } => false,
+            SinkError::Reply { .. }
+            | SinkError::StateVanished { .. }
+            | SinkError::Fenced { .. } => false,
         }
     }
 }
@@ -102,6 +116,10 @@ pub struct EntityKeys {
     pub seen: String,
     pub digest: String,
     pub state: String,
+    /// Who may write the entity now (lua/lease.lua).
+    pub lease: String,
+    /// The last lease token issued; never expires.
+    pub tokens: String,
 }
 
 impl EntityKeys {
@@ -112,6 +130,8 @@ impl EntityKeys {
             seen: format!("{prefix}:{{{tag}}}:seen:{entity}"),
             digest: format!("{prefix}:{{{tag}}}:digest:{entity}"),
             state: format!("{prefix}:{{{tag}}}:state:{entity}"),
+            lease: format!("{prefix}:{{{tag}}}:lease:{entity}"),
+            tokens: format!("{prefix}:{{{tag}}}:tokens:{entity}"),
         }
     }
 }
@@ -141,6 +161,20 @@ pub struct StateSnapshot {
     pub digests: u64,
     /// How many chunks ever emitted for this entity (the dedup script counts).
     pub writes: i64,
+    /// What became of the caller's lease.
+    pub lease: LeaseRenewal,
+}
+
+/// The lease a cycle started with, as lua/begin.lua found it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum LeaseRenewal {
+    /// No lease was given (unfenced).
+    #[default]
+    NotAsked,
+    /// The caller holds it; it lasts another lease from now.
+    Renewed,
+    /// Another agent holds it (its lease value), or nobody does.
+    Lost { holder: Option<String> },
 }
 
 impl StateSnapshot {
@@ -164,13 +198,28 @@ pub struct CycleFigures {
     pub db_now: Option<i64>,
 }
 
-/// The connection to Redis and the two scripts.
+/// What a cycle commits (see [`Sink::commit`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Commit<'a> {
+    /// The watermark candidate (`None`: keep the old one).
+    pub candidate: Option<i64>,
+    /// Trim the dedup state below this epoch (`None`: nothing).
+    pub trim_below: Option<i64>,
+    pub figures: &'a CycleFigures,
+    /// As for [`Sink::apply_chunk`].
+    pub expect_state: bool,
+    /// The caller's lease value (`None`: unfenced).
+    pub fence: Option<&'a str>,
+}
+
+/// The connection to Redis and the scripts.
 #[derive(Clone)]
 pub struct Sink {
     conn: ConnectionManager,
     prefix: String,
     dedup: Script,
     commit: Script,
+    begin: Script,
 }
 
 impl Sink {
@@ -204,6 +253,7 @@ impl Sink {
             prefix: settings.key_prefix.clone(),
             dedup: Script::new(DEDUP_LUA),
             commit: Script::new(COMMIT_LUA),
+            begin: Script::new(BEGIN_LUA),
         })
     }
 
@@ -233,24 +283,39 @@ impl Sink {
             })
     }
 
-    /// Reads what a cycle needs to start, in one round trip: the state hash
-    /// and the size of the digest hash.
+    /// Reads what a cycle needs to start, in one call of lua/begin.lua: the
+    /// state hash, the size of the digest hash, and, given the caller's
+    /// lease value, the lease renewed for `lease` (or found lost).
     pub async fn snapshot(
         &self,
         entity: &str,
         keys: &EntityKeys,
+        lease: Option<(&str, Duration)>,
     ) -> Result<StateSnapshot, SinkError> {
-        let mut conn = self.conn.clone();
-        let (state, digests): (HashMap<String, String>, u64) = redis::pipe()
-            .hgetall(&keys.state)
-            .hlen(&keys.digest)
-            .query_async(&mut conn)
-            .await
-            .map_err(|error| SinkError::Command {
-                entity: entity.to_owned(),
-                action: "reading the state",
-                error,
-            })?;
+        let mut cmd = redis::cmd("EVALSHA");
+        let (value, ms) = lease.map_or(("", 0), |(value, lease)| (value, lease.as_millis()));
+        cmd.arg(self.begin.get_hash())
+            .arg(3)
+            .arg(&keys.state)
+            .arg(&keys.digest)
+            .arg(&keys.lease)
+            .arg(value)
+            .arg(ms as u64);
+        let (state, digests, renewal, current): (HashMap<String, String>, u64, String, String) =
+            self.query_script(&self.begin, &cmd)
+                .await
+                .map_err(|error| SinkError::Command {
+                    entity: entity.to_owned(),
+                    action: "reading the state",
+                    error,
+                })?;
+        let lease = match renewal.as_str() {
+            "renewed" => LeaseRenewal::Renewed,
+            "lost" => LeaseRenewal::Lost {
+                holder: Some(current).filter(|c| !c.is_empty()),
+            },
+            _ => LeaseRenewal::NotAsked,
+        };
         Ok(StateSnapshot {
             exists: !state.is_empty(),
             watermark: state.get("watermark").and_then(|w| w.parse().ok()),
@@ -263,7 +328,25 @@ impl Sink {
                 .get("writes")
                 .and_then(|w| w.parse().ok())
                 .unwrap_or(0),
+            lease,
         })
+    }
+
+    /// Sends a script's EVALSHA; when Redis forgot the script (a restart
+    /// emptied its cache: NOSCRIPT), loads it and sends the command again.
+    pub(crate) async fn query_script<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        cmd: &redis::Cmd,
+    ) -> Result<T, redis::RedisError> {
+        let mut conn = self.conn.clone();
+        match cmd.query_async(&mut conn).await {
+            Err(error) if error.kind() == redis::ErrorKind::NoScriptError => {
+                script.prepare_invoke().load_async(&mut conn).await?;
+                cmd.query_async(&mut conn).await
+            }
+            other => other,
+        }
     }
 
     /// Does the stream hold a message of this variant among its latest
@@ -323,6 +406,7 @@ impl Sink {
         keys: &EntityKeys,
         chunk: &[Change],
         expect_state: bool,
+        fence: Option<&str>,
     ) -> Result<(u64, i64), SinkError> {
         // EVALSHA built as one command: every argument goes straight into
         // the command's single buffer. (A `ScriptInvocation` allocates each
@@ -331,14 +415,15 @@ impl Sink {
             .iter()
             .map(|c| c.pkey.len() + c.payload.as_ref().map_or(0, String::len) + 48)
             .sum();
-        let mut cmd = redis::Cmd::with_capacity(11 + 5 * chunk.len(), 256 + bytes);
+        let mut cmd = redis::Cmd::with_capacity(13 + 5 * chunk.len(), 256 + bytes);
         cmd.arg("EVALSHA")
             .arg(self.dedup.get_hash())
-            .arg(4)
+            .arg(5)
             .arg(&keys.seen)
             .arg(&keys.digest)
             .arg(&keys.stream)
             .arg(&keys.state)
+            .arg(&keys.lease)
             .arg(entity.max_stream_length)
             .arg(&entity.variant)
             .arg(if entity.payload == crate::config::PayloadMode::Row {
@@ -346,7 +431,8 @@ impl Sink {
             } else {
                 "0"
             })
-            .arg(if expect_state { "1" } else { "0" });
+            .arg(if expect_state { "1" } else { "0" })
+            .arg(fence.unwrap_or(""));
         let mut digest = [0u8; 16];
         for change in chunk {
             cmd.arg(&change.pkey)
@@ -355,22 +441,10 @@ impl Sink {
                 .arg(change.op.as_str())
                 .arg(change.payload.as_deref().unwrap_or(""));
         }
-        let mut conn = self.conn.clone();
-        let applied: Option<(u64, i64)> = match cmd.query_async(&mut conn).await {
-            // Redis restarted and forgot the script: load it, send again.
-            Err(error) if error.kind() == redis::ErrorKind::NoScriptError => {
-                match self.dedup.prepare_invoke().load_async(&mut conn).await {
-                    Ok(_) => cmd.query_async(&mut conn).await,
-                    Err(error) => Err(error),
-                }
-            }
-            other => other,
-        }
-        .map_err(|error| SinkError::Command {
-            entity: entity.name.clone(),
-            action: "the dedup script",
-            error,
-        })?;
+        let applied: Option<(u64, i64)> = self
+            .query_script(&self.dedup, &cmd)
+            .await
+            .map_err(|error| fenced_or(&entity.name, "the dedup script", error))?;
         applied.ok_or_else(|| SinkError::StateVanished {
             entity: entity.name.clone(),
             action: "the dedup script",
@@ -380,17 +454,21 @@ impl Sink {
     /// Advances the watermark to max(old, `candidate`) (`None`: keep it),
     /// records the cycle's figures and trims the dedup state below
     /// `trim_below` (`None`: nothing), which the caller guarantees no later
-    /// window can reach. Returns the watermark now stored. `expect_state` as
-    /// for [`Sink::apply_chunk`].
+    /// window can reach, all fenced with the caller's lease. Returns the
+    /// watermark now stored.
     pub async fn commit(
         &self,
         entity: &EntitySettings,
         keys: &EntityKeys,
-        candidate: Option<i64>,
-        trim_below: Option<i64>,
-        figures: &CycleFigures,
-        expect_state: bool,
+        commit: &Commit<'_>,
     ) -> Result<Option<i64>, SinkError> {
+        let Commit {
+            candidate,
+            trim_below,
+            figures,
+            expect_state,
+            fence,
+        } = *commit;
         let mut conn = self.conn.clone();
         let candidate = candidate.map(|c| c.to_string()).unwrap_or_default();
         let trim_below = trim_below.map(|c| c.to_string()).unwrap_or_default();
@@ -401,10 +479,12 @@ impl Sink {
                 .key(&keys.state)
                 .key(&keys.seen)
                 .key(&keys.digest)
+                .key(&keys.lease)
                 .arg(&candidate)
                 .arg(&trim_below)
                 .arg(TRIM_BATCH)
-                .arg(if expect_state || !first { "1" } else { "0" });
+                .arg(if expect_state || !first { "1" } else { "0" })
+                .arg(fence.unwrap_or(""));
             if first {
                 invocation
                     .arg("last_started_at_ms")
@@ -424,11 +504,7 @@ impl Sink {
             let committed: Option<(Option<String>, usize)> = invocation
                 .invoke_async(&mut conn)
                 .await
-                .map_err(|error| SinkError::Command {
-                    entity: entity.name.clone(),
-                    action: "the commit script",
-                    error,
-                })?;
+                .map_err(|error| fenced_or(&entity.name, "the commit script", error))?;
             let (watermark, trimmed) = committed.ok_or_else(|| SinkError::StateVanished {
                 entity: entity.name.clone(),
                 action: "the commit script",
@@ -446,6 +522,27 @@ impl Sink {
                     .transpose();
             }
         }
+    }
+}
+
+/// The error of a script call: [`SinkError::Fenced`] when the script
+/// refused a stale lease (`HWFENCED <current lease value>`).
+fn fenced_or(entity: &str, action: &'static str, error: redis::RedisError) -> SinkError {
+    if error.code() == Some("HWFENCED") {
+        return SinkError::Fenced {
+            entity: entity.to_owned(),
+            action,
+            holder: error
+                .detail()
+                .map(str::trim)
+                .filter(|d| !d.is_empty())
+                .map(str::to_owned),
+        };
+    }
+    SinkError::Command {
+        entity: entity.to_owned(),
+        action,
+        error,
     }
 }
 

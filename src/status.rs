@@ -108,6 +108,34 @@ pub struct EntityStatus {
     /// Entries in the stream (all variants).
     pub stream_length: u64,
     pub last_entry_id: Option<String>,
+    /// Who writes the entity now; `None` when no agent holds its lease.
+    pub lease: Option<LeaseStatus>,
+}
+
+/// An entity's lease: the agent that polls it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LeaseStatus {
+    /// The holder's agent id.
+    pub holder: String,
+    /// The fencing token the holder's writes carry.
+    pub token: Option<u64>,
+    /// Until the lease expires unless renewed.
+    pub expires_in_seconds: f64,
+}
+
+/// A live agent, registered under the config's key prefix.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentStatus {
+    pub id: String,
+    /// Until its registration expires unless it renews it.
+    pub expires_in_seconds: f64,
+}
+
+/// What `status` reports: the live agents, then the entities.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub agents: Vec<AgentStatus>,
+    pub entities: Vec<EntityStatus>,
 }
 
 /// The last cycle that committed.
@@ -133,15 +161,27 @@ pub struct LastFailure {
     pub count: u64,
 }
 
-/// Reads the status of the selected entities.
-pub async fn status(config: &Config, only: Option<&str>) -> Result<Vec<EntityStatus>, StatusError> {
+/// Reads the live agents and the status of the selected entities.
+pub async fn status(config: &Config, only: Option<&str>) -> Result<Status, StatusError> {
     let entities = config.select_entities(only).map_err(StatusError::Usage)?;
     let sink = Sink::connect(&config.redis).await?;
+    let agents = crate::lease::Leases::new(&sink, config)
+        .live_agents()
+        .await?
+        .into_iter()
+        .map(|a| AgentStatus {
+            id: a.id,
+            expires_in_seconds: a.expires_in.as_secs_f64(),
+        })
+        .collect();
     let mut out = Vec::new();
     for entity in entities {
         out.push(entity_status(config, &sink, entity).await?);
     }
-    Ok(out)
+    Ok(Status {
+        agents,
+        entities: out,
+    })
 }
 
 async fn entity_status(
@@ -157,13 +197,17 @@ async fn entity_status(
         u64,
         u64,
         redis::streams::StreamRangeReply,
+        Option<String>,
+        i64,
     );
-    let (state, failure, dedup_keys, stream_length, last): Reply = redis::pipe()
+    let (state, failure, dedup_keys, stream_length, last, lease, lease_ms): Reply = redis::pipe()
         .hgetall(&keys.state)
         .hgetall(failure_key(&config.redis.key_prefix, entity))
         .zcard(&keys.seen)
         .xlen(&keys.stream)
         .xrevrange_count(&keys.stream, "+", "-", 1)
+        .get(&keys.lease)
+        .pttl(&keys.lease)
         .query_async(&mut conn)
         .await
         .map_err(|error| StatusError::Read {
@@ -238,29 +282,55 @@ async fn entity_status(
         dedup_keys,
         stream_length,
         last_entry_id: last.ids.first().map(|entry| entry.id.clone()),
+        lease: lease.map(|value| {
+            let (token, holder) = crate::lease::parse_value(&value);
+            LeaseStatus {
+                holder: holder.to_owned(),
+                token,
+                expires_in_seconds: lease_ms.max(0) as f64 / 1000.0,
+            }
+        }),
     })
 }
 
-/// `status --json`: `{"entities": [...]}`, fields in a fixed order.
-pub fn render_json(statuses: &[EntityStatus]) -> String {
-    #[derive(Serialize)]
-    struct Document<'a> {
-        entities: &'a [EntityStatus],
-    }
-    serde_json::to_string_pretty(&Document { entities: statuses })
-        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+/// `status --json`: `{"agents": [...], "entities": [...]}`, fields in a fixed order.
+pub fn render_json(status: &Status) -> String {
+    serde_json::to_string_pretty(status).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
-/// `status` as text: a block per entity.
-pub fn render_text(statuses: &[EntityStatus]) -> String {
+/// `status` as text: the live agents, then a block per entity.
+pub fn render_text(status: &Status) -> String {
     let now_ms = Utc::now().timestamp_millis();
     let ago = |at_ms: i64| format!("{:.1}s ago", (now_ms - at_ms).max(0) as f64 / 1000.0);
     let mut out = String::new();
-    for (i, s) in statuses.iter().enumerate() {
+    let agents: Vec<String> = status
+        .agents
+        .iter()
+        .map(|a| format!("{} (expires in {:.1}s)", a.id, a.expires_in_seconds))
+        .collect();
+    out.push_str(&format!(
+        "agents          {}\n\n",
+        if agents.is_empty() {
+            "none running".to_owned()
+        } else {
+            agents.join(", ")
+        }
+    ));
+    for (i, s) in status.entities.iter().enumerate() {
         if i > 0 {
             out.push('\n');
         }
         out.push_str(&format!("{} (source {})\n", s.entity, s.source));
+        let lease = match &s.lease {
+            Some(l) => format!(
+                "held by {} (token {}, expires in {:.1}s unless renewed)",
+                l.holder,
+                l.token.map_or_else(|| "?".to_owned(), |t| t.to_string()),
+                l.expires_in_seconds
+            ),
+            None => "not held (no agent polls it now)".to_owned(),
+        };
+        out.push_str(&format!("  lease         {lease}\n"));
         let last_id = s.last_entry_id.as_deref().unwrap_or("none");
         out.push_str(&format!(
             "  stream        {}: {} entries, last id {last_id}\n",

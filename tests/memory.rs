@@ -165,9 +165,10 @@ async fn mariadb_a_row_changed_back_while_running_is_emitted_each_time() {
     changed_back(Database::mariadb().await).await;
 }
 
-/// Another agent emits B between two cycles of a running one, then the row
-/// goes back to A, which the running agent confirmed before: its memory
-/// must be dropped (the state's write counter moved), and A sent again.
+/// Another agent emits B while a running one is paused past its lease (and
+/// so loses it), then the row goes back to A, which the running agent
+/// confirmed before: once it holds the entity again, its memory must be
+/// dropped (the state's write counter moved), and A sent again.
 #[tokio::test]
 async fn a_change_emitted_by_another_agent_drops_the_running_agents_memory() {
     let env = Env::new();
@@ -175,16 +176,25 @@ async fn a_change_emitted_by_another_agent_drops_the_running_agents_memory() {
     let table = unique("mem_foreign");
     db.table(&table, 3).await;
     let query = format!("SELECT id, name, updated_at FROM {table} WHERE updated_at >= :since");
-    // Long enough between cycles for the other agent to run in between.
     let config = config(&env, &db.url(), &table, &query, "2s");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}\n[agent]\nlease = \"1s\"\n")).unwrap();
     let mut agent = Agent::start(&config);
     wait_for_messages(&table, 3).await;
     wait_for_quiet_cycle(&agent, &table).await;
 
+    // A paused VM: the other agent takes the entity over once the lease expires.
+    agent.signal("STOP");
     db.exec(&format!("UPDATE {table} SET name = 'B' WHERE id = 2"))
         .await;
-    let out = once_ok(&config);
-    assert!(out.contains("1 emitted"), "the other agent emits B: {out}");
+    let out = highwater(&["once", "--wait", "--config", config.to_str().unwrap()]);
+    agent.signal("CONT");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("1 emitted"),
+        "the other agent emits B: {stdout}"
+    );
     db.exec(&format!("UPDATE {table} SET name = 'a2' WHERE id = 2"))
         .await;
     wait_for_messages(&table, 5).await;

@@ -596,13 +596,18 @@ async fn check_warns_when_a_write_transaction_outlasts_the_lookback() {
 struct PrivateRedis {
     child: std::process::Child,
     port: u16,
+    /// Its working directory: it loads a `dump.rdb` found there.
+    _dir: tempfile::TempDir,
 }
 
 impl PrivateRedis {
     async fn start(args: &[&str]) -> PrivateRedis {
         let port = free_port();
+        let dir = tempfile::tempdir().expect("temp dir");
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(dir.path())
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -625,7 +630,11 @@ impl PrivateRedis {
             }
         })
         .await;
-        PrivateRedis { child, port }
+        PrivateRedis {
+            child,
+            port,
+            _dir: dir,
+        }
     }
 }
 
@@ -758,7 +767,9 @@ async fn status_shows_the_last_cycle_as_text_and_json() {
     let (out, text, _) = run_cli(&["status", "--config", config.to_str().unwrap()]);
     assert!(out.status.success());
     assert!(
-        text.starts_with(&format!("{table} (source db)\n")),
+        text.starts_with(&format!(
+            "agents          none running\n\n{table} (source db)\n  lease         not held (no agent polls it now)\n"
+        )),
         "{text}"
     );
     assert!(

@@ -157,11 +157,11 @@ async fn two_entities_on_two_sources_both_keep_emitting_new_rows() {
 #[tokio::test]
 async fn a_slow_cycle_never_overlaps_the_next_and_skips_missed_ticks() {
     let env = Env::new();
-    // While `ctl.slow` is 1 the query burns about a second and a half of CPU
+    // While `ctl.slow` is 1 the query burns two seconds or more of CPU
     // in a recursive CTE; afterwards it takes milliseconds.
     let slow_query = "SELECT id, name, updated_at FROM t WHERE updated_at >= :since AND \
         (CASE WHEN (SELECT slow FROM ctl) = 1 THEN \
-        (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2500000) \
+        (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 6000000) \
         SELECT count(*) FROM c) ELSE 0 END) >= 0";
     let (slow, slow_section) = table(&env, "run_slow", "200ms", slow_query).await;
     sqlite_exec(

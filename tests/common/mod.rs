@@ -335,6 +335,11 @@ impl Agent {
         Agent { child, lines }
     }
 
+    /// The process id (agents are named `<hostname>-<pid>` by default).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Every stderr line so far.
     pub fn stderr(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
