@@ -12,6 +12,8 @@
 -- ARGV[2] the caller's agent id
 -- ARGV[3] the lease in milliseconds
 -- ARGV[4] how many leases the caller holds ("beat")
+-- ARGV[5] a channel told when an agent joins or leaves ("" = none), so that
+--         the others rebalance at once
 --
 -- Returns the live agents after the call:
 -- {id, ms until it expires, leases held, ...}.
@@ -29,12 +31,16 @@ if mode ~= 'list' then
   end
   redis.call('ZREMRANGEBYSCORE', live, '-inf', now)
 end
+local changed = 0
 if mode == 'beat' then
-  redis.call('ZADD', live, now + ms, agent)
+  changed = redis.call('ZADD', live, now + ms, agent)
   redis.call('HSET', held, agent, ARGV[4])
 elseif mode == 'leave' then
-  redis.call('ZREM', live, agent)
+  changed = redis.call('ZREM', live, agent)
   redis.call('HDEL', held, agent)
+end
+if changed > 0 and ARGV[5] ~= '' then
+  redis.call('PUBLISH', ARGV[5], mode)
 end
 
 local agents = redis.call('ZRANGEBYSCORE', live, '(' .. now, '+inf', 'WITHSCORES')

@@ -16,6 +16,8 @@
 -- ARGV[2] the caller's lease value ("" when it holds none)
 -- ARGV[3] the caller's agent id
 -- ARGV[4] the lease in milliseconds
+-- ARGV[5] a channel told when a lease is released ("" = none): standing-by
+--         agents listen there and take the entity over at once
 --
 -- Returns {status, value, ms, previous}:
 --   {"acquired", value, 0, previous holder or ""}  a new token was issued
@@ -25,12 +27,15 @@
 --   {"lost", value or "", ms, ""}  renew/release of a value that is not current
 
 local lease, tokens = KEYS[1], KEYS[2]
-local mode, mine, agent, ms = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local mode, mine, agent, ms, channel = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local current = redis.call('GET', lease)
 
 if current and current == mine then
   if mode == 'release' then
     redis.call('DEL', lease)
+    if channel ~= '' then
+      redis.call('PUBLISH', channel, 'released')
+    end
     return {'released', '', 0, ''}
   end
   redis.call('PEXPIRE', lease, ms)

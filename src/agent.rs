@@ -111,8 +111,10 @@ pub async fn once(
                 .await;
                 match cycle {
                     Ok(report) => Ok(OnceOutcome::Done(report)),
-                    Err(CycleError::LeaseLost { holder, .. }) => {
-                        claim.lose(&value, holder.as_deref());
+                    Err(CycleError::LeaseLost {
+                        holder, refused, ..
+                    }) => {
+                        claim.lose(&value, holder.as_deref(), lost_how(refused));
                         Ok(OnceOutcome::Held {
                             holder: holder.as_deref().map_or("nobody", holder_of).to_owned(),
                             expires_in: None,
@@ -168,6 +170,15 @@ async fn take_lease(
             _ => {}
         }
         tokio::time::sleep(LEASE_POLL.min(leases.lease() / 4)).await;
+    }
+}
+
+/// How a cycle found out it lost its lease, for the log line.
+fn lost_how(refused: bool) -> &'static str {
+    if refused {
+        "a write of its cycle was refused"
+    } else {
+        "starting a cycle"
     }
 }
 
@@ -465,10 +476,15 @@ impl EntityTask {
                 }
             }
             match result {
-                Err(CycleError::LeaseLost { holder, .. }) => {
+                Err(CycleError::LeaseLost {
+                    holder, refused, ..
+                }) => {
                     // Not a failure: another agent writes the entity now.
+                    if refused {
+                        tracing::info!(entity = %self.entity, "cycle stopped: the fence refused its write (another agent holds the lease)");
+                    }
                     if let (Some(claim), Some(value)) = (&self.claim, &value) {
-                        claim.lose(value, holder.as_deref());
+                        claim.lose(value, holder.as_deref(), lost_how(refused));
                     }
                     self.memory.forget();
                     failures = 0;

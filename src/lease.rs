@@ -36,6 +36,11 @@ const AGENTS_LUA: &str = include_str!("../lua/agents.lua");
 /// over a released entity within this.
 const TICK: Duration = Duration::from_millis(250);
 
+/// The channel told when a lease is released or an agent joins or leaves.
+pub fn changes_channel(prefix: &str) -> String {
+    format!("{prefix}:{{agents}}:changes")
+}
+
 /// The keys of the live agents' sorted set and of their lease counts (one slot).
 pub fn agents_keys(prefix: &str) -> (String, String) {
     (
@@ -159,8 +164,9 @@ impl Claim {
     }
 
     /// The lease `value` is no longer this agent's (`holder`: whose it is
-    /// now). Logs once per loss; a value already replaced is ignored.
-    pub fn lose(&self, value: &str, holder: Option<&str>) {
+    /// now; `noticed`: how this agent found out). Logs once per loss; a
+    /// value already replaced is ignored.
+    pub fn lose(&self, value: &str, holder: Option<&str>, noticed: &'static str) {
         {
             let mut state = self.lock();
             if state.held.as_deref() != Some(value) {
@@ -175,12 +181,14 @@ impl Claim {
             Some(holder) => tracing::warn!(
                 entity = %self.entity,
                 holder = %holder_of(holder),
+                noticed,
                 "lost the lease on entity {} to agent {}; standing by",
                 self.entity,
                 holder_of(holder)
             ),
             None => tracing::warn!(
                 entity = %self.entity,
+                noticed,
                 "lost the lease on entity {}: it expired before this agent renewed it; standing by",
                 self.entity
             ),
@@ -227,21 +235,26 @@ pub struct Leases {
     agent: String,
     lease: Duration,
     agents_keys: (String, String),
+    channel: String,
+    /// For the connection that listens on `channel`.
+    url: String,
+    timeout: Duration,
     lease_script: Script,
     agents_script: Script,
 }
 
 impl Leases {
     pub fn new(sink: &Sink, config: &Config) -> Leases {
-        Leases::for_agent(sink, &config.redis.key_prefix, &config.agent)
-    }
-
-    pub fn for_agent(sink: &Sink, prefix: &str, agent: &AgentSettings) -> Leases {
+        let agent: &AgentSettings = &config.agent;
+        let prefix = &config.redis.key_prefix;
         Leases {
             sink: sink.clone(),
             agent: agent.id.clone(),
             lease: agent.lease,
             agents_keys: agents_keys(prefix),
+            channel: changes_channel(prefix),
+            url: config.redis.url.clone(),
+            timeout: config.redis.timeout,
             lease_script: Script::new(LEASE_LUA),
             agents_script: Script::new(AGENTS_LUA),
         }
@@ -264,7 +277,8 @@ impl Leases {
             .arg(mode)
             .arg(mine)
             .arg(&self.agent)
-            .arg(self.lease.as_millis() as u64);
+            .arg(self.lease.as_millis() as u64)
+            .arg(&self.channel);
         cmd
     }
 
@@ -347,7 +361,8 @@ impl Leases {
             .arg(mode)
             .arg(&self.agent)
             .arg(self.lease.as_millis() as u64)
-            .arg(held);
+            .arg(held)
+            .arg(&self.channel);
         let live: Vec<(String, i64, i64)> = self
             .sink
             .query_script(&self.agents_script, &cmd)
@@ -390,7 +405,9 @@ impl Leases {
         for ((claim, value), outcome) in due.iter().zip(outcomes) {
             match outcome {
                 Outcome::Renewed { .. } => claim.renewed_since(value, renewing),
-                Outcome::Lost { value: holder } => claim.lose(value, holder.as_deref()),
+                Outcome::Lost { value: holder } => {
+                    claim.lose(value, holder.as_deref(), "renewing it")
+                }
                 _ => {}
             }
         }
@@ -442,17 +459,19 @@ impl Keeper {
         }
     }
 
-    /// One round: heartbeat, renewals, then the share.
-    pub async fn tick(&self) -> Result<(), SinkError> {
+    /// One round: renewals, heartbeat, then the share; returns what the
+    /// share asked for.
+    pub async fn tick(&self) -> Result<Balance, SinkError> {
         self.leases.renew_due(&self.claims).await?;
         if !self.balance {
-            return Ok(());
+            return Ok(Balance::Keep);
         }
         let mut held: Vec<&Arc<Claim>> =
             self.claims.iter().filter(|c| c.held().is_some()).collect();
         let live = self.leases.agents("beat", held.len()).await?;
         crate::metrics::global().record_leases_checked();
-        match balance(self.claims.len(), &live, self.leases.agent(), held.len()) {
+        let decided = balance(self.claims.len(), &live, self.leases.agent(), held.len());
+        match decided {
             Balance::GiveUp(n) => {
                 // The least preferred first.
                 held.sort_by_key(|c| c.preference);
@@ -473,7 +492,7 @@ impl Keeper {
             Balance::Take(n) => self.take_free(n).await?,
             Balance::Keep => {}
         }
-        Ok(())
+        Ok(decided)
     }
 
     /// Takes up to `wanted` leases that nobody holds, most preferred first.
@@ -523,23 +542,42 @@ impl Keeper {
     }
 
     /// Ticks until `stop`, logging (once per outage) when Redis fails.
+    /// While the agent is under its share it ticks every [`TICK`], so a
+    /// lease that expires is taken over soon after; at its share, a few
+    /// times per lease (renewals, heartbeat). Either way a lease released
+    /// or an agent joining or leaving wakes every keeper at once (a
+    /// message on the changes channel).
     pub async fn run(self, mut stop: watch::Receiver<bool>) -> Keeper {
         let mut failing = false;
+        let mut changes = Changes::new(&self.leases);
         loop {
-            match self.tick().await {
-                Ok(()) if failing => {
-                    failing = false;
-                    tracing::info!("leases: redis answers again");
+            let hungry = match self.tick().await {
+                Ok(decided) => {
+                    if failing {
+                        failing = false;
+                        tracing::info!("leases: redis answers again");
+                    }
+                    matches!(decided, Balance::Take(_) | Balance::GiveUp(_))
                 }
-                Ok(()) => {}
-                Err(e) if !failing => {
-                    failing = true;
-                    tracing::warn!(error = %crate::agent::error_chain(&e), "leases: cannot reach redis; held leases expire unless renewed in time");
+                Err(e) => {
+                    if !failing {
+                        failing = true;
+                        tracing::warn!(error = %crate::agent::error_chain(&e), "leases: cannot reach redis; held leases expire unless renewed in time");
+                    }
+                    true
                 }
-                Err(_) => {}
+            };
+            let pause = if hungry || !self.balance {
+                TICK.min(self.leases.lease / 4)
+            } else {
+                self.leases.lease / 3
+            };
+            if self.balance {
+                changes.listen().await;
             }
             tokio::select! {
-                () = tokio::time::sleep(TICK.min(self.leases.lease / 4)) => {}
+                () = tokio::time::sleep(pause) => {}
+                () = changes.next(), if self.balance => {}
                 _ = stop.changed() => return self,
             }
             if *stop.borrow() {
@@ -578,6 +616,65 @@ impl Keeper {
             Err(e) => {
                 tracing::warn!(error = %crate::agent::error_chain(&e), "cannot release the leases: other agents take the entities over when they expire")
             }
+        }
+    }
+}
+
+/// The changes channel, listened to on a connection of its own.
+struct Changes {
+    url: String,
+    channel: String,
+    timeout: Duration,
+    stream: Option<redis::aio::PubSubStream>,
+    tried: Option<Instant>,
+}
+
+/// How often a lost listening connection is opened again.
+const CHANGES_RETRY: Duration = Duration::from_secs(5);
+
+impl Changes {
+    fn new(leases: &Leases) -> Changes {
+        Changes {
+            url: leases.url.clone(),
+            channel: leases.channel.clone(),
+            timeout: leases.timeout,
+            stream: None,
+            tried: None,
+        }
+    }
+
+    /// Subscribes if not listening (at most every [`CHANGES_RETRY`]);
+    /// without it the keeper only ticks.
+    async fn listen(&mut self) {
+        if self.stream.is_some() || self.tried.is_some_and(|t| t.elapsed() < CHANGES_RETRY) {
+            return;
+        }
+        self.tried = Some(Instant::now());
+        let subscribe = async {
+            let client = redis::Client::open(self.url.as_str())?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&self.channel).await?;
+            Ok::<_, redis::RedisError>(pubsub.into_on_message())
+        };
+        match tokio::time::timeout(self.timeout, subscribe).await {
+            Ok(Ok(stream)) => self.stream = Some(stream),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "leases: cannot listen for changes; ticking only")
+            }
+            Err(_) => tracing::debug!("leases: listening for changes timed out; ticking only"),
+        }
+    }
+
+    /// Resolves on the next change; never while not listening.
+    async fn next(&mut self) {
+        use futures_util::StreamExt;
+        let Some(stream) = &mut self.stream else {
+            return std::future::pending().await;
+        };
+        if stream.next().await.is_none() {
+            // The connection dropped: listen again later.
+            self.stream = None;
+            std::future::pending::<()>().await;
         }
     }
 }

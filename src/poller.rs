@@ -27,10 +27,13 @@ pub enum CycleError {
     StateLost { entity: String, evidence: String },
     /// Another agent holds the entity now (`holder`, its lease value), or
     /// the lease expired: this cycle wrote nothing after that, and stops.
+    /// `refused`: a chunk or the commit was refused by the fence (else the
+    /// state read at cycle start found the lease gone).
     #[error("entity {entity}: this agent no longer holds its lease ({})", holder.as_deref().map_or("it expired", crate::lease::holder_of))]
     LeaseLost {
         entity: String,
         holder: Option<String>,
+        refused: bool,
     },
 }
 
@@ -343,6 +346,7 @@ pub async fn run_cycle(
         return Err(CycleError::LeaseLost {
             entity: entity.name.clone(),
             holder,
+            refused: false,
         });
     }
     let mut watermark = state.watermark;
@@ -570,6 +574,7 @@ fn state_vanished(
         return CycleError::LeaseLost {
             entity: entity.name.clone(),
             holder,
+            refused: true,
         };
     }
     if !matches!(error, SinkError::StateVanished { .. }) {

@@ -23,6 +23,17 @@ const DEADLINE: Duration = Duration::from_secs(30);
 /// A table `name` (id, ver bumped by every update, updated_at) with `rows`
 /// rows, and the `[entities.<name>]` section polling it.
 async fn versioned_table(pool: &sqlx::PgPool, name: &str, rows: u32, chunk_rows: u32) -> String {
+    versioned_table_with(pool, name, rows, chunk_rows, "").await
+}
+
+/// [`versioned_table`] whose query also applies `filter` (`AND ...`).
+async fn versioned_table_with(
+    pool: &sqlx::PgPool,
+    name: &str,
+    rows: u32,
+    chunk_rows: u32,
+    filter: &str,
+) -> String {
     pg_exec(
         pool,
         &format!(
@@ -34,7 +45,7 @@ async fn versioned_table(pool: &sqlx::PgPool, name: &str, rows: u32, chunk_rows:
     .await;
     format!(
         "[entities.{name}]\nsource = \"pg\"\n\
-         query = \"SELECT id, ver, updated_at FROM {name} WHERE updated_at >= :since\"\n\
+         query = \"SELECT id, ver, updated_at FROM {name} WHERE updated_at >= :since{filter}\"\n\
          key = \"id\"\ncursor = \"updated_at\"\nlookback = \"5s\"\nevery = \"{}ms\"\n\
          start = \"beginning\"\nchunk_rows = {chunk_rows}\n\n",
         EVERY.as_millis()
@@ -171,7 +182,10 @@ async fn paused_holders_write_nothing_stale(agents: usize) {
     let pool = pg().await;
     let table = unique("lease_pause");
     let rows = 300;
-    let section = versioned_table(&pool, &table, rows, 5).await;
+    // Each row takes 2 ms to read: a cycle lasts long enough that most
+    // pauses land between two of its chunks.
+    let section =
+        versioned_table_with(&pool, &table, rows, 5, " AND pg_sleep(0.002)::text = ''").await;
     let config = lease_config(&env, &section);
     let mut running = vec![Agent::start(&config)];
     eventually(DEADLINE, "the first agent's first cycle", || async {
@@ -208,8 +222,12 @@ async fn paused_holders_write_nothing_stale(agents: usize) {
         .iter()
         .filter(|l| l.contains("took over entity"))
         .count();
+    let refused = logs
+        .iter()
+        .filter(|l| l.contains("cycle stopped: the fence refused its write"))
+        .count();
     println!(
-        "leases: agents={agents} pauses={pauses} updates={updates} messages={} out_of_order={} duplicated={} takeovers={takeovers} leases_lost={lost}",
+        "leases: agents={agents} pauses={pauses} updates={updates} messages={} out_of_order={} duplicated={} takeovers={takeovers} leases_lost={lost} writes_refused={refused}",
         v.messages, v.out_of_order, v.duplicated
     );
     assert!(pauses >= 3, "the holder was paused {pauses} times");
@@ -218,6 +236,10 @@ async fn paused_holders_write_nothing_stale(agents: usize) {
         "no agent took over a paused holder's entity"
     );
     assert!(lost >= 1, "no paused holder noticed it lost the lease");
+    assert!(
+        refused >= 1,
+        "no paused holder resumed in the middle of a cycle (its next write refused)"
+    );
     assert_eq!(
         v.out_of_order, 0,
         "versions went back in time on the stream"
