@@ -10,6 +10,7 @@ use std::process::{Command, Output};
 use common::*;
 
 /// A valid entity `orders` on source `db`; tests break one field at a time.
+/// Its database `app.db` is placed in the test's directory by [`own_database`].
 const ORDERS: &str = r#"
 [sources.db]
 url = "sqlite://app.db"
@@ -33,10 +34,18 @@ fn error_of(config: &Path) -> String {
     lines[0].to_owned()
 }
 
+/// `body` with its SQLite database `app.db` in the test's own directory, where
+/// no test creates it: a relative path would open whatever `app.db` the
+/// working directory holds.
+fn own_database(env: &Env, body: &str) -> String {
+    let db = env.dir.path().join("app.db");
+    body.replace("sqlite://app.db", &format!("sqlite://{}", db.display()))
+}
+
 /// Writes the config with `from` replaced by `to` in [`ORDERS`].
 fn orders_with(env: &Env, from: &str, to: &str) -> PathBuf {
     assert!(ORDERS.contains(from), "{from:?} is not in the base config");
-    env.config(&ORDERS.replacen(from, to, 1))
+    env.config(&own_database(env, &ORDERS.replacen(from, to, 1)))
 }
 
 /// The 1-based line of the first line containing `needle`.
@@ -199,7 +208,7 @@ fn every_problem_is_reported_at_once() {
     let body = ORDERS
         .replacen("every = \"10s\"", "schedule = \"*/5 * *\"", 1)
         .replacen("source = \"db\"", "source = \"warehouse\"", 1);
-    let config = env.config(&body);
+    let config = env.config(&own_database(&env, &body));
     let stderr = once_err(&config);
     assert!(stderr.contains("entities.orders.schedule"), "{stderr}");
     assert!(stderr.contains("entities.orders.source"), "{stderr}");
@@ -213,7 +222,8 @@ fn an_unknown_entity_on_the_command_line_names_the_configured_ones() {
         .nth(1)
         .unwrap()
         .replace("FROM orders", "FROM customers");
-    let config = env.config(&format!("{ORDERS}\n[entities.customers]{customers}"));
+    let body = format!("{ORDERS}\n[entities.customers]{customers}");
+    let config = env.config(&own_database(&env, &body));
     let out = highwater(&[
         "once",
         "--config",
@@ -316,7 +326,12 @@ fn a_redis_password_never_reaches_stderr() {
     let env = Env::new();
     let config = env.file(
         "highwater.toml",
-        &format!("[redis]\nurl = \"redis://:s3cretpw@127.0.0.1:1/0\"\ntimeout = \"2s\"\n{ORDERS}"),
+        &own_database(
+            &env,
+            &format!(
+                "[redis]\nurl = \"redis://:s3cretpw@127.0.0.1:1/0\"\ntimeout = \"2s\"\n{ORDERS}"
+            ),
+        ),
     );
     let stderr = assert_fails_without_secret(&config, None);
     assert!(stderr.contains("redis"), "{stderr}");

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::ExitStatus;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -116,6 +116,8 @@ pub struct ModelRun {
     /// Redis loses the stream.
     collected: Vec<Message>,
     last_id: String,
+    /// Where [`ModelRun::save_log`] writes, created by its first call.
+    log_file: OnceLock<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -264,6 +266,7 @@ on_state_loss = "{on_state_loss}"
             notes: Vec::new(),
             collected: Vec::new(),
             last_id: "0".into(),
+            log_file: OnceLock::new(),
             _dir: dir,
         }
     }
@@ -300,16 +303,27 @@ on_state_loss = "{on_state_loss}"
         Duration::from_millis(self.rng.random_range(min_ms..=max_ms))
     }
 
-    /// Writes the agent's whole log (every run) to a file, for a failure
-    /// message: returns its path.
+    /// Writes the agent's whole log (every run) to a file kept after the
+    /// test, for a failure message: returns its path.
     pub fn save_log(&self) -> String {
-        let path = std::env::temp_dir().join(format!(
-            "highwater-model-{}-{}-{}.log",
-            self.settings.scenario,
-            self.settings.backend.name(),
-            self.seed
-        ));
-        let _ = std::fs::write(&path, self.log.lines().join("\n"));
+        let path = self.log_file.get_or_init(|| {
+            // A name of its own, not only the seed's: a replay of this seed
+            // running beside it (HIGHWATER_SEED) keeps its own log.
+            tempfile::Builder::new()
+                .prefix(&format!(
+                    "highwater-model-{}-{}-{}-",
+                    self.settings.scenario,
+                    self.settings.backend.name(),
+                    self.seed
+                ))
+                .suffix(".log")
+                .tempfile()
+                .expect("create the log file")
+                .into_temp_path()
+                .keep()
+                .expect("keep the log file")
+        });
+        let _ = std::fs::write(path, self.log.lines().join("\n"));
         path.display().to_string()
     }
 
