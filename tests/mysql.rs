@@ -66,6 +66,25 @@ async fn items(env: &Env, pool: &sqlx::MySqlPool, table: &str, extra: &str) -> P
     )
 }
 
+/// Creates `table` (id, name, updated_at as a 1-second `DATETIME` the test
+/// sets) and returns a config polling it; `settings` adds entity lines
+/// (the look-back at least).
+async fn seconds_table(env: &Env, pool: &sqlx::MySqlPool, table: &str, settings: &str) -> PathBuf {
+    mysql_exec(
+        pool,
+        &format!("CREATE TABLE {table} (id BIGINT PRIMARY KEY, name VARCHAR(20), updated_at DATETIME NOT NULL)"),
+    )
+    .await;
+    config(
+        env,
+        table,
+        &format!(
+            "query = '''SELECT id, name, updated_at FROM {table} WHERE updated_at >= :since'''\n\
+             key = \"id\"\ncursor = \"updated_at\"\n{settings}"
+        ),
+    )
+}
+
 /// Inserts rows `1..=n` named `n<id>` into an [`items`] table.
 async fn insert_items(pool: &sqlx::MySqlPool, table: &str, n: u32) {
     mysql_exec(
@@ -414,19 +433,13 @@ async fn a_row_in_the_window_s_first_second_is_emitted_once_without_a_warning() 
     let env = Env::new();
     let pool = mysql().await;
     let table = unique("my_edge");
-    mysql_exec(
+    let config = seconds_table(
+        &env,
         &pool,
-        &format!("CREATE TABLE {table} (id BIGINT PRIMARY KEY, name VARCHAR(20), updated_at DATETIME NOT NULL)"),
+        &table,
+        "lookback = \"3500ms\"\nstart = \"beginning\"",
     )
     .await;
-    let config = config(
-        &env,
-        &table,
-        &format!(
-            "query = '''SELECT id, name, updated_at FROM {table} WHERE updated_at >= :since'''\n\
-             key = \"id\"\ncursor = \"updated_at\"\nlookback = \"3500ms\"\nstart = \"beginning\""
-        ),
-    );
     // One row per second over the last half minute.
     mysql_exec(
         &pool,
@@ -440,25 +453,13 @@ async fn a_row_in_the_window_s_first_second_is_emitted_once_without_a_warning() 
     assert!(!log.contains(BELOW_WINDOW_WARNING), "{log}");
 
     // The next window starts 3.5 s before the watermark, inside a second.
-    let start = watermark(&env, &table).await - 3_500_000;
-    let boundary = chrono::DateTime::from_timestamp_micros(start.div_euclid(1_000_000) * 1_000_000)
-        .unwrap()
-        .format("%Y-%m-%d %H:%M:%S")
-        .to_string();
+    let boundary = next_window_second(&env, &table, 3_500_000).await;
     mysql_exec(
         &pool,
         &format!("INSERT INTO {table} VALUES (100, 'late', '{boundary}')"),
     )
     .await;
-    let (out, log) = once_logged(&config);
-    assert!(
-        out.contains(" 1 emitted"),
-        "only the late row is new: {out}"
-    );
-    assert!(!log.contains(BELOW_WINDOW_WARNING), "{log}");
-    let (out, log) = once_logged(&config);
-    assert!(out.contains(" 0 emitted"), "{out}");
-    assert!(!log.contains(BELOW_WINDOW_WARNING), "{log}");
+    only_the_late_row_is_emitted_without_a_warning(&config);
 
     let messages = read_stream(&table).await;
     assert_eq!(messages.len(), 32, "31 rows and the late one, each once");
@@ -471,19 +472,7 @@ async fn two_updates_in_the_same_second_are_both_emitted_in_order() {
     let env = Env::new();
     let pool = mysql().await;
     let table = unique("my_tie");
-    mysql_exec(
-        &pool,
-        &format!("CREATE TABLE {table} (id BIGINT PRIMARY KEY, name VARCHAR(20), updated_at DATETIME NOT NULL)"),
-    )
-    .await;
-    let config = config(
-        &env,
-        &table,
-        &format!(
-            "query = '''SELECT id, name, updated_at FROM {table} WHERE updated_at >= :since'''\n\
-             key = \"id\"\ncursor = \"updated_at\"\nlookback = \"5m\""
-        ),
-    );
+    let config = seconds_table(&env, &pool, &table, "lookback = \"5m\"").await;
     // Every version carries the same second, as writes within one second do.
     let second = db_now_seconds(&pool).await;
     mysql_exec(

@@ -504,25 +504,13 @@ async fn a_row_in_the_window_s_first_second_is_emitted_once_without_a_warning() 
     assert!(!log.contains(BELOW_WINDOW_WARNING), "{log}");
 
     // The next window starts 3.5 s before the watermark, inside a second.
-    let start = watermark(&f.env, &f.name).await - 3_500_000;
-    let boundary = chrono::DateTime::from_timestamp_micros(start.div_euclid(1_000_000) * 1_000_000)
-        .unwrap()
-        .format("%Y-%m-%d %H:%M:%S")
-        .to_string();
+    let boundary = next_window_second(&f.env, &f.name, 3_500_000).await;
     sqlx::query("INSERT INTO t (id, name, updated_at) VALUES (100, 'late', ?1)")
         .bind(&boundary)
         .execute(&f.pool)
         .await
         .unwrap();
-    let (out, log) = once_logged(&config);
-    assert!(
-        out.contains(" 1 emitted"),
-        "only the late row is new: {out}"
-    );
-    assert!(!log.contains(BELOW_WINDOW_WARNING), "{log}");
-    let (out, log) = once_logged(&config);
-    assert!(out.contains(" 0 emitted"), "{out}");
-    assert!(!log.contains(BELOW_WINDOW_WARNING), "{log}");
+    only_the_late_row_is_emitted_without_a_warning(&config);
 
     let messages = read_stream(&f.name).await;
     assert_eq!(messages.len(), 32, "31 rows and the late one, each once");

@@ -204,6 +204,30 @@ pub async fn watermark(env: &Env, entity: &str) -> i64 {
         .expect("the watermark is an integer")
 }
 
+/// The second (`YYYY-MM-DD HH:MM:SS`, UTC) in which the next window of an
+/// entity starts: `lookback_us` before its watermark, floored.
+pub async fn next_window_second(env: &Env, entity: &str, lookback_us: i64) -> String {
+    let start = watermark(env, entity).await - lookback_us;
+    chrono::DateTime::from_timestamp_micros(start.div_euclid(1_000_000) * 1_000_000)
+        .expect("a watermark in chrono's range")
+        .format("%Y-%m-%d %H:%M:%S")
+        .to_string()
+}
+
+/// Two more `once` cycles after a late row landed in the window's first
+/// second: the first emits only it, the second nothing; neither warns.
+pub fn only_the_late_row_is_emitted_without_a_warning(config: &Path) {
+    let (out, log) = once_logged(config);
+    assert!(
+        out.contains(" 1 emitted"),
+        "only the late row is new: {out}"
+    );
+    assert!(!log.contains(BELOW_WINDOW_WARNING), "{log}");
+    let (out, log) = once_logged(config);
+    assert!(out.contains(" 0 emitted"), "{out}");
+    assert!(!log.contains(BELOW_WINDOW_WARNING), "{log}");
+}
+
 /// Deletes a stream (tests that reuse a name across runs).
 pub async fn delete_key(key: &str) {
     let mut conn = redis_conn().await;
