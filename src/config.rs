@@ -1,5 +1,5 @@
-//! Configuration: the TOML file, `${VAR}` interpolated from the environment,
-//! parsed into raw serde types, then validated into the settings the agent runs on.
+//! Configuration: the TOML file, `${VAR}` interpolated from the environment
+//! and `${file:/path}` from secret files, parsed into raw serde types, then validated into the settings the agent runs on.
 //!
 //! Every error names the file and the dotted path of the field
 //! (`entities.customers.schedule: ...`); validation collects every problem
@@ -53,6 +53,15 @@ pub enum ConfigError {
     },
     #[error("{path}:{line}: unterminated ${{...}} (write $${{ for a literal ${{)")]
     BadInterpolation { path: PathBuf, line: usize },
+    #[error("{path}:{line}: cannot read secret file {} (${{file:...}})", file.display())]
+    SecretFile {
+        path: PathBuf,
+        line: usize,
+        /// As resolved: a relative path is relative to the config file's directory.
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path}: {}", problems.join(&format!("\n{}: ", path.display())))]
@@ -395,9 +404,10 @@ pub fn mask_url(url: &str) -> String {
     }
 }
 
-/// Replaces `${VAR}` with the environment's value; `$${` stays a literal `${`.
+/// Replaces `${VAR}` with the environment's value and `${file:/path}` with
+/// the file's content ([`read_secret`]); `$${` stays a literal `${`.
 /// Lines that are whole comments are left alone, so a commented-out example
-/// does not demand its variable.
+/// does not demand its variable or its file.
 fn interpolate(
     path: &Path,
     text: &str,
@@ -409,6 +419,7 @@ fn interpolate(
             out.push_str(line);
             continue;
         }
+        let line_start = out.len();
         let mut rest = line;
         while let Some(pos) = rest.find('$') {
             out.push_str(&rest[..pos]);
@@ -424,6 +435,16 @@ fn interpolate(
                     });
                 };
                 let var = &body[..end];
+                rest = &body[end + 1..];
+                if let Some(file) = var.strip_prefix("file:") {
+                    let secret = read_secret(path, index + 1, file)?;
+                    if in_url_userinfo(&out[line_start..], rest) {
+                        push_percent_encoded(&mut out, &secret);
+                    } else {
+                        out.push_str(&secret);
+                    }
+                    continue;
+                }
                 match env(var) {
                     Some(value) => out.push_str(&value),
                     None => {
@@ -434,7 +455,6 @@ fn interpolate(
                         })
                     }
                 }
-                rest = &body[end + 1..];
             } else {
                 out.push('$');
                 rest = &after[1..];
@@ -443,6 +463,71 @@ fn interpolate(
         out.push_str(rest);
     }
     Ok(out)
+}
+
+/// The content of the file a `${file:...}` on line `line` names, without one
+/// trailing newline (Docker and Kubernetes secrets end with one). A relative
+/// path is relative to the config file's directory, like `query_file`.
+fn read_secret(path: &Path, line: usize, written: &str) -> Result<String, ConfigError> {
+    let file = path.parent().unwrap_or(Path::new(".")).join(written);
+    let mut secret = std::fs::read_to_string(&file).map_err(|source| ConfigError::SecretFile {
+        path: path.to_owned(),
+        line,
+        file,
+        source,
+    })?;
+    if secret.ends_with('\n') {
+        secret.pop();
+        if secret.ends_with('\r') {
+            secret.pop();
+        }
+    }
+    Ok(secret)
+}
+
+/// Whether a value placed between `before` and `after` on a line is the user
+/// or password of a URL (`scheme://user:HERE@host`). There a secret file holds
+/// the password itself, as the database's own container reads it
+/// (`POSTGRES_PASSWORD_FILE`), so it is percent-encoded: an `@` or `/` in it
+/// would otherwise end the password early, fail to parse and defeat
+/// [`mask_url`].
+fn in_url_userinfo(before: &str, after: &str) -> bool {
+    const ENDS: &[char] = &['@', '/', '?', '#', '"', '\'', ' ', '\t', '\r', '\n'];
+    let Some(scheme_end) = before.rfind("://") else {
+        return false;
+    };
+    if before[scheme_end + 3..].contains(ENDS) {
+        return false;
+    }
+    // The userinfo ends at an `@`; another `${...}` before it (a user name
+    // from a file) may hold a `/` of its own path.
+    let mut rest = after;
+    while let Some(i) = rest.find(|c| c == '$' || ENDS.contains(&c)) {
+        let tail = &rest[i..];
+        if let Some(body) = tail.strip_prefix("${") {
+            let Some(end) = body.find('}') else {
+                return false;
+            };
+            rest = &body[end + 1..];
+        } else if let Some(tail) = tail.strip_prefix('$') {
+            rest = tail;
+        } else {
+            return tail.starts_with('@');
+        }
+    }
+    false
+}
+
+/// Appends `value` with every byte but the unreserved ones (RFC 3986:
+/// letters, digits, `-._~`) written as `%XX`.
+fn push_percent_encoded(out: &mut String, value: &str) {
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
 }
 
 /// `line N: message` from a TOML error, without echoing the (interpolated,
@@ -916,5 +1001,94 @@ mod tests {
         })
         .unwrap();
         assert_eq!(ok, "u = \"1:${B}\"");
+    }
+
+    /// A fresh directory holding these secret files, and the path of a
+    /// config file `h.toml` in it.
+    fn beside_secrets(secrets: &[(&str, &[u8])]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, content) in secrets {
+            std::fs::write(dir.path().join(name), content).unwrap();
+        }
+        let config = dir.path().join("h.toml");
+        (dir, config)
+    }
+
+    #[test]
+    fn a_secret_file_is_inserted_without_one_trailing_newline() {
+        let (dir, config) =
+            beside_secrets(&[("pw", b"s3cret\n"), ("two", b"a\n\n"), ("crlf", b"b\r\n")]);
+        let absolute = dir.path().join("two");
+        let text = format!(
+            "a = \"${{file:pw}}\"\nb = \"${{file:{}}}\"\nc = \"${{file:crlf}}\"\n\
+             # d = \"${{file:nowhere}}\"\ne = \"$${{file:pw}}\"\n",
+            absolute.display()
+        );
+        let out = interpolate(&config, &text, |_| None).unwrap();
+        assert_eq!(
+            out,
+            "a = \"s3cret\"\nb = \"a\n\"\nc = \"b\"\n# d = \"${file:nowhere}\"\ne = \"${file:pw}\"\n"
+        );
+    }
+
+    #[test]
+    fn a_secret_in_the_user_or_password_of_a_url_is_percent_encoded() {
+        let (_dir, config) = beside_secrets(&[
+            ("pw", b"p@ss/w:rd %#?\n"),
+            ("user", b"app@eu\n"),
+            ("url", b"postgres://app:p%40ss@db/shop\n"),
+            ("host", b"db:5432\n"),
+        ]);
+        let pw = "p%40ss%2Fw%3Ard%20%25%23%3F";
+        for (written, expected) in [
+            (
+                "postgres://app:${file:pw}@db/shop",
+                format!("postgres://app:{pw}@db/shop"),
+            ),
+            (
+                "redis://:${file:pw}@127.0.0.1:6379/0",
+                format!("redis://:{pw}@127.0.0.1:6379/0"),
+            ),
+            (
+                "mysql://${file:user}:${file:pw}@db/shop",
+                format!("mysql://app%40eu:{pw}@db/shop"),
+            ),
+            // A whole URL, a host: the file holds URL text, inserted as is.
+            ("${file:url}", "postgres://app:p%40ss@db/shop".to_owned()),
+            (
+                "postgres://app:x@${file:host}/shop",
+                "postgres://app:x@db:5432/shop".to_owned(),
+            ),
+            ("x ${file:pw}", "x p@ss/w:rd %#?".to_owned()),
+        ] {
+            let out = interpolate(&config, &format!("u = \"{written}\""), |_| None).unwrap();
+            assert_eq!(out, format!("u = \"{expected}\""), "{written}");
+        }
+        let out = interpolate(&config, "postgres://app:${file:pw}@db/shop", |_| None).unwrap();
+        assert_eq!(mask_url(&out), "postgres://app:***@db/shop");
+    }
+
+    #[test]
+    fn an_unreadable_secret_file_names_the_config_line_and_the_file() {
+        let (dir, config) = beside_secrets(&[("latin1", b"caf\xe9\n")]);
+        for (name, kind) in [
+            ("nope", std::io::ErrorKind::NotFound),
+            ("latin1", std::io::ErrorKind::InvalidData),
+        ] {
+            let text = format!("a = 1\nb = \"${{file:{name}}}\"\n");
+            let err = interpolate(&config, &text, |_| None).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "{}:2: cannot read secret file {} (${{file:...}})",
+                    config.display(),
+                    dir.path().join(name).display()
+                )
+            );
+            let ConfigError::SecretFile { source, .. } = err else {
+                panic!("not a secret file error: {err}");
+            };
+            assert_eq!(source.kind(), kind, "{name}: {source}");
+        }
     }
 }

@@ -6,6 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use common::*;
 
@@ -360,4 +361,159 @@ fn an_interpolated_password_on_a_line_that_does_not_parse_never_reaches_stderr()
     let stderr = assert_fails_without_secret(&config, Some("HW_TEST_PW"));
     let line = line_of(&config, "HW_TEST_PW");
     assert!(stderr.contains(&format!("line {line}")), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------
+// Secrets from files: `${file:path}`, relative to the config file's directory.
+// ---------------------------------------------------------------------------
+
+/// The start of the secret in [`a_password_from_a_secret_file_reaches_no_output`].
+/// Letters and digits survive percent-encoding, so finding it nowhere means
+/// neither the raw nor the encoded password leaked.
+const SECRET_START: &str = "Zq7Sekr3t";
+
+/// stdout and stderr of `highwater <command> --config <config>`, labelled.
+fn output_of(command: &str, config: &Path) -> String {
+    let out = highwater(&[command, "--config", config.to_str().unwrap()]);
+    format!(
+        "{command} --config {}\nstdout:\n{}\nstderr:\n{}",
+        config.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn a_missing_secret_file_is_named_with_the_config_line() {
+    let env = Env::new();
+    let config = orders_with(
+        &env,
+        "url = \"sqlite://app.db\"",
+        "url = \"postgres://app:${file:secrets/nope}@db/shop\"",
+    );
+    let error = error_of(&config);
+    let line = line_of(&config, "secrets/nope");
+    let secret = env.dir.path().join("secrets/nope");
+    assert!(
+        error.contains(&format!(
+            "{}:{line}: cannot read secret file {} (${{file:...}}): No such file or directory",
+            config.display(),
+            secret.display()
+        )),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_password_with_reserved_characters_is_read_from_a_file_and_logs_in() {
+    // As Docker mounts it: the password itself (the database's container
+    // reads the same file), one trailing newline.
+    let env = Env::new();
+    let password = "Zq7-p@ss/w:rd?#%";
+    env.file("secrets/db_password", &format!("{password}\n"));
+    let table = unique("secret_login");
+    let user = table.clone();
+    let pool = mysql().await;
+    mysql_exec(
+        &pool,
+        &format!(
+            "CREATE TABLE {table} (id BIGINT PRIMARY KEY, \
+             updated_at DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6));
+             INSERT INTO {table} (id) VALUES (7);
+             CREATE USER '{user}'@'%' IDENTIFIED BY '{password}';
+             GRANT SELECT ON {table} TO '{user}'@'%'"
+        ),
+    )
+    .await;
+    let secret = "${file:secrets/db_password}";
+    let source_url = mysql_url().replacen("root@", &format!("{user}:{secret}@"), 1);
+    assert_ne!(source_url, mysql_url(), "the test server's URL names root");
+    // Redis's default user without a password takes any: the URL must parse.
+    let redis = redis_url().replacen("redis://", &format!("redis://default:{secret}@"), 1);
+    let config = env.file(
+        "highwater.toml",
+        &format!(
+            "[redis]\nurl = \"{redis}\"\nkey_prefix = \"{}\"\n\n\
+             [sources.db]\nurl = \"{source_url}\"\n\n\
+             [entities.{table}]\nsource = \"db\"\n\
+             query = \"SELECT id, updated_at FROM {table} WHERE updated_at >= :since\"\n\
+             key = \"id\"\ncursor = \"updated_at\"\nlookback = \"5m\"\nevery = \"10s\"\n",
+            env.prefix
+        ),
+    );
+    let (stdout, stderr) = once_logged(&config);
+    let messages = read_stream(&table).await;
+    mysql_exec(
+        &pool,
+        &format!("DROP USER '{user}'@'%'; DROP TABLE {table}"),
+    )
+    .await;
+    assert_eq!(messages.len(), 1, "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(messages[0].pkey, "7");
+}
+
+#[tokio::test]
+async fn a_password_from_a_secret_file_reaches_no_output() {
+    let env = Env::new();
+    env.file("secrets/password", &format!("{SECRET_START}@pw/x:y\n"));
+    let secret = "${file:secrets/password}";
+    let entity = |name: &str, source: &str| {
+        format!(
+            "[entities.{name}]\nsource = \"{source}\"\n\
+             query = \"SELECT id, updated_at FROM t WHERE updated_at >= :since\"\n\
+             key = \"id\"\ncursor = \"updated_at\"\nlookback = \"5m\"\nevery = \"1s\"\n"
+        )
+    };
+    let (pg_entity, my_entity) = (unique("secret_pg"), unique("secret_my"));
+    // PostgreSQL on a closed port; MariaDB's root, which has no password, refuses one.
+    let my_url = mysql_url().replacen("root@", &format!("root:{secret}@"), 1);
+    assert_ne!(my_url, mysql_url(), "the test server's URL names root");
+    let sources = format!(
+        "[sources.pg]\nurl = \"postgres://postgres:{secret}@127.0.0.1:1/test\"\ntimeout = \"2s\"\n\n\
+         [sources.my]\nurl = \"{my_url}\"\ntimeout = \"2s\"\n\n{}\n{}",
+        entity(&pg_entity, "pg"),
+        entity(&my_entity, "my"),
+    );
+    let with_redis = |file: &str, redis: &str| {
+        env.file(
+            file,
+            &format!(
+                "[redis]\nurl = \"{redis}\"\nkey_prefix = \"{}\"\ntimeout = \"2s\"\n\n{sources}",
+                env.prefix
+            ),
+        )
+    };
+    let reachable = with_redis(
+        "highwater.toml",
+        &redis_url().replacen("redis://", &format!("redis://default:{secret}@"), 1),
+    );
+    let unreachable = with_redis(
+        "unreachable.toml",
+        &format!("redis://default:{secret}@127.0.0.1:1/0"),
+    );
+
+    let mut outputs = Vec::new();
+    for config in [&reachable, &unreachable] {
+        for command in ["check", "once", "status"] {
+            outputs.push(output_of(command, config));
+        }
+    }
+    // `run` logs each source's URL, then stops: a refused password is fatal.
+    let mut agent = Agent::start(&reachable);
+    let status = agent.wait_exit(Duration::from_secs(20)).await;
+    let stderr = agent.stderr().join("\n");
+    assert!(!status.success(), "run should have stopped: {stderr}");
+    assert!(stderr.contains("Access denied"), "{stderr}");
+    outputs.push(format!("run\nstderr:\n{stderr}"));
+
+    let all = outputs.join("\n\n");
+    assert!(!all.contains(SECRET_START), "the secret leaked:\n{all}");
+    // The URLs were printed, masked as passwords.
+    for masked in [
+        "postgres://postgres:***@127.0.0.1:1/test",
+        "root:***@",
+        "redis://default:***@127.0.0.1:1/0",
+    ] {
+        assert!(all.contains(masked), "{masked} not printed:\n{all}");
+    }
 }
