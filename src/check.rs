@@ -199,6 +199,7 @@ async fn check_redis(config: &Config) -> (Vec<Finding>, Option<bool>) {
             Level::Ok,
             format!("redis ({url}): connected, Redis {version}"),
         );
+        report.findings.push(redis_encryption(&config.redis.url));
     } else {
         report.push(
             Level::Error,
@@ -311,6 +312,9 @@ async fn check_source(config: &Config, name: &str) -> Vec<Finding> {
                 Level::Ok,
                 format!("source {name} ({url}): connected, {version}"),
             );
+            if let Some(finding) = source_encryption(&source, name, &url).await {
+                report.findings.push(finding);
+            }
         }
         Err(e) => {
             report.push(Level::Error, error_chain(&e));
@@ -397,6 +401,110 @@ const CLOCK_SAMPLES: usize = 3;
 
 /// The database's clock and its difference to this machine's (database
 /// minus here), microseconds: `now()` against the middle of the round trip.
+/// Whether the Redis connection is encrypted, by the URL's scheme; a
+/// plaintext connection to a host that is not this machine is a warning.
+fn redis_encryption(url: &str) -> Finding {
+    if url.starts_with("rediss://") {
+        return Finding {
+            level: Level::Ok,
+            text: "redis: encrypted (TLS, rediss://; the server's certificate verified)".to_owned(),
+        };
+    }
+    let host = url_host(url);
+    if is_local(&host) {
+        Finding {
+            level: Level::Ok,
+            text: format!("redis: not encrypted (redis://), a local connection to {host}"),
+        }
+    } else {
+        Finding {
+            level: Level::Warning,
+            text: format!("redis: not encrypted: redis:// to {host}, which is not this machine; passwords and rows cross the network in clear text (use rediss:// and [redis] ca_file)"),
+        }
+    }
+}
+
+/// Whether the source's session is encrypted, as the server reports it
+/// (PostgreSQL `pg_stat_ssl`, MySQL `Ssl_version`); `None` for SQLite.
+async fn source_encryption(source: &Source, name: &str, url: &str) -> Option<Finding> {
+    let work = async {
+        match source.pool() {
+            Pool::Postgres(pool) => {
+                let row: Option<(bool, Option<String>)> = sqlx::query_as(
+                    "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                )
+                .fetch_optional(pool)
+                .await?;
+                Ok(row.and_then(|(ssl, version)| ssl.then(|| version.unwrap_or_default())))
+            }
+            Pool::MySql(pool) => {
+                let row: Option<(String, String)> =
+                    sqlx::query_as("SHOW SESSION STATUS LIKE 'Ssl_version'")
+                        .fetch_optional(pool)
+                        .await?;
+                Ok(row.map(|(_, v)| v).filter(|v| !v.is_empty()))
+            }
+            Pool::Sqlite(_) => Err(None),
+        }
+    };
+    let found: Result<Option<String>, Option<sqlx::Error>> =
+        match tokio::time::timeout(source.timeout(), work).await {
+            Ok(result) => result.map_err(|e: Option<sqlx::Error>| e),
+            Err(_) => return None,
+        };
+    let host = url_host(url);
+    Some(match found {
+        Ok(Some(version)) => Finding {
+            level: Level::Ok,
+            text: format!("source {name}: encrypted ({version})"),
+        },
+        Ok(None) if is_local(&host) => Finding {
+            level: Level::Ok,
+            text: format!("source {name}: not encrypted, a local connection to {host}"),
+        },
+        Ok(None) => Finding {
+            level: Level::Warning,
+            text: format!(
+                "source {name}: not encrypted: {host} is not this machine; passwords and rows cross the network in clear text (set sslmode=verify-full for PostgreSQL, ssl-mode=VERIFY_IDENTITY for MySQL)"
+            ),
+        },
+        Err(None) => return None,
+        Err(Some(e)) => Finding {
+            level: Level::Warning,
+            text: format!("source {name}: cannot tell whether the connection is encrypted: {e}"),
+        },
+    })
+}
+
+/// The host of a URL (`user:pw@host:port/...`), brackets of IPv6 removed;
+/// a `host=` query parameter (a socket directory) wins.
+fn url_host(url: &str) -> String {
+    if let Some((_, query)) = url.split_once('?') {
+        if let Some(host) = query.split('&').find_map(|kv| kv.strip_prefix("host=")) {
+            return host.to_owned();
+        }
+    }
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        host_port.split(':').next().unwrap_or("")
+    };
+    host.to_owned()
+}
+
+/// This machine: loopback names and addresses, or a Unix socket.
+fn is_local(host: &str) -> bool {
+    host.is_empty()
+        || host == "localhost"
+        || host.starts_with('/')
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 async fn clock_skew(source: &Source) -> Result<(i64, i64), crate::source::SourceError> {
     let mut best: Option<(i64, i64, i64)> = None;
     for _ in 0..CLOCK_SAMPLES {
@@ -766,6 +874,22 @@ fn crc16(bytes: &[u8]) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_are_read_from_urls_and_loopback_is_local() {
+        assert_eq!(
+            url_host("postgres://app:***@db.internal:5432/shop?sslmode=require"),
+            "db.internal"
+        );
+        assert_eq!(url_host("redis://127.0.0.1:6379/0"), "127.0.0.1");
+        assert_eq!(url_host("rediss://u:p@[::1]:6380"), "::1");
+        assert_eq!(
+            url_host("postgres:///shop?host=/var/run/postgresql"),
+            "/var/run/postgresql"
+        );
+        assert!(is_local("127.0.0.2") && is_local("::1") && is_local("localhost"));
+        assert!(!is_local("10.0.0.5") && !is_local("db.internal"));
+    }
 
     #[test]
     fn key_slots_match_redis_cluster() {

@@ -121,6 +121,12 @@ struct RawRedis {
     timeout: Option<String>,
     /// Share of `maxmemory` (0 < x <= 1) above which polling pauses until consumers drain streams.
     pause_at_memory: Option<f64>,
+    /// PEM file of the CA(s) to trust for `rediss://` (else the system's roots); relative to the config file.
+    ca_file: Option<PathBuf>,
+    /// PEM certificate for mutual TLS (with `client_key`).
+    client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    client_key: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -237,10 +243,34 @@ pub struct HttpSettings {
 pub struct RedisSettings {
     /// The URL, secrets included: never log it, use [`mask_url`].
     pub url: String,
+    /// Certificates for `rediss://`, read at load.
+    pub tls: RedisTls,
     pub key_prefix: String,
     pub timeout: Duration,
     /// Polling pauses while `used_memory / maxmemory` is above this.
     pub pause_at_memory: f64,
+}
+
+impl RedisSettings {
+    /// Settings for `url` with every default (no TLS files), for tools and tests.
+    pub fn for_url(url: &str) -> RedisSettings {
+        RedisSettings {
+            url: url.to_owned(),
+            tls: RedisTls::default(),
+            key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
+            timeout: DEFAULT_TIMEOUT,
+            pause_at_memory: DEFAULT_PAUSE_AT_MEMORY,
+        }
+    }
+}
+
+/// What a `rediss://` connection trusts and shows: PEM bytes read from the
+/// configured files (`None`: the system's roots, no client certificate).
+#[derive(Clone, Default)]
+pub struct RedisTls {
+    pub ca: Option<Vec<u8>>,
+    /// Certificate and private key for mutual TLS.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Which SQL database a source is.
@@ -389,11 +419,13 @@ pub fn mask_url(url: &str) -> String {
         return url.to_owned();
     };
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rfind('@') {
+    // The user info ends at the last `@` before the query, not at the first
+    // `/`: a password with a raw `/` (an invalid URL, but a typo a user
+    // makes) must not be printed half.
+    let query_start = rest.find('?').unwrap_or(rest.len());
+    match rest[..query_start].rfind('@') {
         Some(at) => {
-            let userinfo = &authority[..at];
+            let userinfo = &rest[..at];
             let masked = match userinfo.find(':') {
                 Some(colon) => format!("{}:***", &userinfo[..colon]),
                 None => userinfo.to_owned(),
@@ -546,7 +578,9 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
 fn validate(path: &Path, base_dir: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     let mut problems = Vec::new();
 
+    let tls = validate_redis_tls(&mut problems, base_dir, &raw.redis);
     let redis = RedisSettings {
+        tls,
         key_prefix: raw
             .redis
             .key_prefix
@@ -908,6 +942,58 @@ fn validate_http(problems: &mut Vec<String>, raw: Option<RawHttp>) -> HttpSettin
     }
 }
 
+/// Reads the `[redis]` TLS files; each problem names the field and the file.
+fn validate_redis_tls(problems: &mut Vec<String>, base_dir: &Path, raw: &RawRedis) -> RedisTls {
+    let mut read = |field: &str, file: &Option<PathBuf>| -> Option<Vec<u8>> {
+        let file = file.as_ref()?;
+        let full = base_dir.join(file);
+        match std::fs::read(&full) {
+            Ok(bytes) if bytes.windows(11).any(|w| w == b"-----BEGIN ") => Some(bytes),
+            Ok(_) => {
+                problems.push(format!(
+                    "redis.{field}: {} is not a PEM file (no -----BEGIN line)",
+                    full.display()
+                ));
+                None
+            }
+            Err(e) => {
+                problems.push(format!(
+                    "redis.{field}: cannot read {}: {e}",
+                    full.display()
+                ));
+                None
+            }
+        }
+    };
+    let ca = read("ca_file", &raw.ca_file);
+    let cert = read("client_cert", &raw.client_cert);
+    let key = read("client_key", &raw.client_key);
+    let client = match (cert, key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        _ => {
+            match (&raw.client_cert, &raw.client_key) {
+                (Some(_), None) => problems.push(
+                    "redis.client_cert: set client_key too (the certificate's private key)"
+                        .to_owned(),
+                ),
+                (None, Some(_)) => problems.push(
+                    "redis.client_key: set client_cert too (the key's certificate)".to_owned(),
+                ),
+                _ => {}
+            }
+            None
+        }
+    };
+    let configured = raw.ca_file.is_some() || raw.client_cert.is_some() || raw.client_key.is_some();
+    if configured && !raw.url.starts_with("rediss://") {
+        problems.push(format!(
+            "redis.url: {:?} is not a TLS URL, but ca_file, client_cert or client_key is set: write rediss://",
+            mask_url(&raw.url)
+        ));
+    }
+    RedisTls { ca, client }
+}
+
 fn validate_agent(problems: &mut Vec<String>, raw: Option<RawAgent>) -> AgentSettings {
     let (id, lease) = match raw {
         Some(a) => (a.id, a.lease),
@@ -972,6 +1058,15 @@ fn duration_or(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masks_a_password_holding_a_raw_slash_or_at() {
+        assert_eq!(
+            mask_url("postgres://app:pa/ss@w@db:5432/shop?sslmode=require"),
+            "postgres://app:***@db:5432/shop?sslmode=require"
+        );
+        assert_eq!(mask_url("sqlite:///data/a@b.db"), "sqlite:///data/a@b.db");
+    }
 
     #[test]
     fn masks_the_password_only() {

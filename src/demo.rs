@@ -112,7 +112,7 @@ pub async fn run(
     let streams: Vec<String> = config.entities.values().map(|e| e.stream.clone()).collect();
     let deleted = reset_redis(&config).await?;
     let mut follower = Follower::connect(
-        &options.redis_url,
+        &config.redis,
         &streams,
         StartAt::Beginning,
         Some(crate::config::CursorKind::Time),
@@ -456,7 +456,7 @@ async fn reset_redis(config: &Config) -> Result<u64, DemoError> {
         let url = mask_url(&config.redis.url);
         move |error| DemoError::Redis { url, action, error }
     };
-    let client = redis::Client::open(config.redis.url.as_str()).map_err(redis_error("connect"))?;
+    let client = crate::sink::client(&config.redis).map_err(redis_error("connect"))?;
     let settings = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Duration::from_secs(5))
         .set_response_timeout(Duration::from_secs(10));

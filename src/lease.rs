@@ -236,8 +236,9 @@ pub struct Leases {
     lease: Duration,
     agents_keys: (String, String),
     channel: String,
-    /// For the connection that listens on `channel`.
-    url: String,
+    /// For the connection that listens on `channel` (`None`: the settings
+    /// did not make a client, and the keeper only ticks).
+    client: Option<redis::Client>,
     timeout: Duration,
     lease_script: Script,
     agents_script: Script,
@@ -253,7 +254,7 @@ impl Leases {
             lease: agent.lease,
             agents_keys: agents_keys(prefix),
             channel: changes_channel(prefix),
-            url: config.redis.url.clone(),
+            client: crate::sink::client(&config.redis).ok(),
             timeout: config.redis.timeout,
             lease_script: Script::new(LEASE_LUA),
             agents_script: Script::new(AGENTS_LUA),
@@ -622,7 +623,7 @@ impl Keeper {
 
 /// The changes channel, listened to on a connection of its own.
 struct Changes {
-    url: String,
+    client: Option<redis::Client>,
     channel: String,
     timeout: Duration,
     stream: Option<redis::aio::PubSubStream>,
@@ -635,7 +636,7 @@ const CHANGES_RETRY: Duration = Duration::from_secs(5);
 impl Changes {
     fn new(leases: &Leases) -> Changes {
         Changes {
-            url: leases.url.clone(),
+            client: leases.client.clone(),
             channel: leases.channel.clone(),
             timeout: leases.timeout,
             stream: None,
@@ -649,9 +650,9 @@ impl Changes {
         if self.stream.is_some() || self.tried.is_some_and(|t| t.elapsed() < CHANGES_RETRY) {
             return;
         }
+        let Some(client) = &self.client else { return };
         self.tried = Some(Instant::now());
         let subscribe = async {
-            let client = redis::Client::open(self.url.as_str())?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&self.channel).await?;
             Ok::<_, redis::RedisError>(pubsub.into_on_message())

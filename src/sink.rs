@@ -230,7 +230,7 @@ impl Sink {
             url: mask_url(&settings.url),
             error,
         };
-        let client = redis::Client::open(settings.url.as_str()).map_err(connect_error)?;
+        let client = client(settings).map_err(connect_error)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(settings.timeout)
             .set_response_timeout(settings.timeout)
@@ -523,6 +523,28 @@ impl Sink {
             }
         }
     }
+}
+
+/// A client for the configured Redis: `rediss://` trusts `ca_file` (else
+/// the system's roots) and shows `client_cert` when configured.
+pub fn client(settings: &RedisSettings) -> redis::RedisResult<redis::Client> {
+    if settings.tls.ca.is_none() && settings.tls.client.is_none() {
+        return redis::Client::open(settings.url.as_str());
+    }
+    redis::Client::build_with_tls(
+        settings.url.as_str(),
+        redis::TlsCertificates {
+            client_tls: settings
+                .tls
+                .client
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: settings.tls.ca.clone(),
+        },
+    )
 }
 
 /// The error of a script call: [`SinkError::Fenced`] when the script

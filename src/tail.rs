@@ -18,7 +18,7 @@ use redis::streams::{StreamReadOptions, StreamReadReply};
 use redis::{AsyncConnectionConfig, Value};
 
 use crate::change::format_timestamp;
-use crate::config::{mask_url, CursorKind};
+use crate::config::{mask_url, CursorKind, RedisSettings};
 
 /// Why entries could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -325,12 +325,13 @@ impl Follower {
     /// [`StartAt::End`], the stream's last entry now). `cursor` says how
     /// epochs are shown (see [`Entry::decode`]).
     pub async fn connect(
-        url: &str,
+        redis: &RedisSettings,
         streams: &[String],
         start: StartAt,
         cursor: Option<CursorKind>,
     ) -> Result<Follower, TailError> {
-        let client = redis::Client::open(url).map_err(|error| TailError::Connect {
+        let url = redis.url.as_str();
+        let client = crate::sink::client(redis).map_err(|error| TailError::Connect {
             url: mask_url(url),
             error,
         })?;
@@ -483,14 +484,15 @@ impl GroupFollower {
     /// the stream's end ([`StartAt::End`]) or start; an existing group keeps
     /// its position. Returns whether the group was created.
     pub async fn connect(
-        url: &str,
+        redis: &RedisSettings,
         stream: &str,
         group: &str,
         consumer: &str,
         start: StartAt,
         cursor: Option<CursorKind>,
     ) -> Result<(GroupFollower, bool), TailError> {
-        let client = redis::Client::open(url).map_err(|error| TailError::Connect {
+        let url = redis.url.as_str();
+        let client = crate::sink::client(redis).map_err(|error| TailError::Connect {
             url: mask_url(url),
             error,
         })?;
@@ -711,13 +713,9 @@ pub async fn tail(
     };
     match &options.group {
         None => {
-            let mut follower = Follower::connect(
-                &config.redis.url,
-                std::slice::from_ref(&stream),
-                start,
-                cursor,
-            )
-            .await?;
+            let mut follower =
+                Follower::connect(&config.redis, std::slice::from_ref(&stream), start, cursor)
+                    .await?;
             eprintln!("following stream {stream} {from}; Ctrl-C stops");
             follow(&mut follower, shutdown, |entry| {
                 print(&entry);
@@ -726,7 +724,7 @@ pub async fn tail(
         }
         Some(group) => {
             let (mut follower, created) = GroupFollower::connect(
-                &config.redis.url,
+                &config.redis,
                 &stream,
                 group,
                 &options.consumer,

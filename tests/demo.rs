@@ -502,7 +502,7 @@ async fn a_follower_started_at_the_end_reads_only_new_entries_in_order() {
     };
     let _: String = add("old").query_async(&mut conn).await.expect("XADD");
     let mut follower = Follower::connect(
-        &redis_url(),
+        &highwater::config::RedisSettings::for_url(&redis_url()),
         std::slice::from_ref(&stream),
         StartAt::End,
         None,

@@ -36,10 +36,13 @@ pub(super) fn pool(
 ) -> Result<PgPool, sqlx::Error> {
     // sqlx would log every statement (and slow ones as warnings, with the
     // full SQL): highwater logs its own cycle lines instead.
-    let options = PgConnectOptions::from_str(&settings.url)?
-        .application_name("highwater")
+    let mut options = PgConnectOptions::from_str(&settings.url)?
         .disable_statement_logging()
         .statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+    // The URL's `application_name` wins (e.g. one per deployment).
+    if options.get_application_name().is_none() {
+        options = options.application_name("highwater");
+    }
     Ok(super::pool_options(settings, statements).connect_lazy_with(options))
 }
 
