@@ -603,12 +603,17 @@ pub fn backoff(failures: u32) -> Duration {
     base.mul_f64(jitter)
 }
 
-/// An error and its causes on one line: `a: b: c`.
+/// An error and its causes on one line: `a: b: c`. A Redis error among the
+/// causes reads as [`crate::sink::describe`] says (an ACL refusal names the
+/// command and the rule it needs).
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        let cause_text = cause.to_string();
+        let cause_text = match cause.downcast_ref::<redis::RedisError>() {
+            Some(redis) => crate::sink::describe(redis),
+            None => cause.to_string(),
+        };
         // Some errors repeat their source's message; say it once.
         if !text.ends_with(&cause_text) {
             text.push_str(": ");

@@ -17,7 +17,7 @@ use sqlx::Row;
 
 use crate::agent::error_chain;
 use crate::config::{mask_url, Backend, Config, ConfigError, CursorKind, EntitySettings};
-use crate::sink::{EntityKeys, Sink};
+use crate::sink::{describe, EntityKeys, Sink};
 use crate::source::placeholder::rewrite_since;
 use crate::source::{Pool, Prepared, SinceBinding, Source};
 
@@ -182,7 +182,10 @@ async fn check_redis(config: &Config) -> (Vec<Finding>, Option<bool>) {
     let info = match info {
         Ok(info) => info,
         Err(e) => {
-            report.push(Level::Error, format!("redis ({url}): INFO failed: {e}"));
+            report.push(
+                Level::Error,
+                format!("redis ({url}): INFO failed: {}", describe(&e)),
+            );
             return (report.findings, None);
         }
     };
@@ -269,8 +272,10 @@ async fn check_redis(config: &Config) -> (Vec<Finding>, Option<bool>) {
             Err(e) => report.push(
                 Level::Warning,
                 format!(
-                    "entity {}: cannot read the type of key {}: {e}",
-                    entity.name, keys.stream
+                    "entity {}: cannot read the type of key {}: {}",
+                    entity.name,
+                    keys.stream,
+                    describe(&e)
                 ),
             ),
         }

@@ -108,6 +108,94 @@ fn is_transient_redis(error: &redis::RedisError) -> bool {
         || matches!(error.code(), Some("OOM" | "LOADING" | "BUSY"))
 }
 
+/// Every script highwater runs, by file: a command a script calls that Redis
+/// 7.0 refuses is named only by the script's SHA1 and the line.
+const SCRIPT_FILES: [(&str, &str); 5] = [
+    ("lua/dedup.lua", DEDUP_LUA),
+    ("lua/commit.lua", COMMIT_LUA),
+    ("lua/begin.lua", BEGIN_LUA),
+    ("lua/lease.lua", include_str!("../lua/lease.lua")),
+    ("lua/agents.lua", include_str!("../lua/agents.lua")),
+];
+
+/// Redis refused a command because the user's ACL does not allow it (the
+/// command, a key or a channel). Never transient: the same call is refused
+/// until someone changes the rule.
+///
+/// A command sent directly answers `NOPERM`; one called by a script fails
+/// the script with `ERR` and a sentence (Redis 7.0: "The user executing the
+/// script can't ...", 7.2 and later: "ACL failure in script: ..."), and
+/// redis-rs reports a refused `SELECT` at connect as `ERR` with Redis's text:
+/// for those the text is all there is to go by.
+pub fn is_acl_refusal(error: &redis::RedisError) -> bool {
+    match (error.code(), error.detail()) {
+        (Some("NOPERM"), _) => true,
+        (Some("ERR"), Some(detail)) => {
+            detail.starts_with("The user executing the script can't")
+                || detail.starts_with("ACL failure in script")
+                || detail.contains("no permissions to")
+        }
+        _ => false,
+    }
+}
+
+/// A Redis error as the user reads it. An ACL refusal names the command
+/// (the one Redis names, else the one the refused script line calls) and
+/// points at the rule in the README; any other error as redis-rs says it.
+pub fn describe(error: &redis::RedisError) -> String {
+    if !is_acl_refusal(error) {
+        return error.to_string();
+    }
+    let detail = error.detail().unwrap_or_default();
+    // Redis names the command in quotes: "... to run the 'xadd' command".
+    let named = detail
+        .split_once("to run the '")
+        .and_then(|(_, rest)| rest.split('\'').next())
+        .map(str::to_uppercase);
+    let command = match (named, script_line(detail)) {
+        (Some(command), Some((file, line, _))) => {
+            format!("the command {command} at {file} line {line}")
+        }
+        (Some(command), None) => format!("the command {command}"),
+        (None, Some((file, line, calls))) if !calls.is_empty() => {
+            format!("the command {} at {file} line {line}", calls.join(" or "))
+        }
+        _ => "a command".to_owned(),
+    };
+    let reply = match error.code() {
+        Some("NOPERM") => format!("NOPERM {detail}"),
+        _ => detail.to_owned(),
+    };
+    format!(
+        "redis refused {command} ({reply}): the user lacks an ACL permission; highwater needs the ACL rule in README \"Redis ACL (least privilege)\""
+    )
+}
+
+/// The script file and line a refusal names (`script: <sha1>, on
+/// @user_script:<line>`), with the commands that line calls.
+fn script_line(detail: &str) -> Option<(&'static str, usize, Vec<String>)> {
+    let (_, rest) = detail.rsplit_once("script: ")?;
+    let (sha, rest) = rest.split_once(", on @user_script:")?;
+    let line: usize = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    let (file, source) = SCRIPT_FILES
+        .iter()
+        .find(|(_, source)| Script::new(source).get_hash() == sha.trim())?;
+    let text = source.lines().nth(line.checked_sub(1)?)?;
+    let calls = text
+        .split("redis.call(")
+        .skip(1)
+        .filter_map(|call| {
+            let quote = call.chars().next().filter(|c| *c == '\'' || *c == '"')?;
+            Some(call[1..].split(quote).next()?.to_uppercase())
+        })
+        .collect();
+    Some((file, line, calls))
+}
+
 /// The Redis keys of one entity. All share one hash slot: the state keys
 /// carry the stream key's slot tag.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -597,5 +685,60 @@ mod tests {
         let mut buf = [0u8; 16];
         assert_eq!(hex16(0xab, &mut buf), "00000000000000ab");
         assert_eq!(hex16(u64::MAX, &mut buf), "ffffffffffffffff");
+    }
+
+    fn refused(code: &str, detail: &str) -> redis::RedisError {
+        match code {
+            "ERR" => redis::RedisError::from((
+                redis::ErrorKind::ResponseError,
+                "An error was signalled by the server",
+                detail.to_owned(),
+            )),
+            _ => redis::make_extension_error(code.to_owned(), Some(detail.to_owned())),
+        }
+    }
+
+    #[test]
+    fn an_acl_refusal_names_the_command_and_the_rule_and_is_not_retried() {
+        let direct = refused(
+            "NOPERM",
+            "this user has no permissions to run the 'hgetall' command",
+        );
+        assert_eq!(
+            describe(&direct),
+            "redis refused the command HGETALL (NOPERM this user has no permissions to run the 'hgetall' command): the user lacks an ACL permission; highwater needs the ACL rule in README \"Redis ACL (least privilege)\""
+        );
+        let failed = SinkError::Command {
+            entity: "customers".into(),
+            action: "reading the state",
+            error: direct,
+        };
+        assert!(!failed.is_transient());
+
+        // Redis 7.0 names only the script and the line: line 61 of dedup.lua calls XADD.
+        let sha = Script::new(DEDUP_LUA).get_hash().to_owned();
+        let in_script = refused(
+            "ERR",
+            &format!("The user executing the script can't run this command or subcommand script: {sha}, on @user_script:61."),
+        );
+        assert!(describe(&in_script).starts_with(
+            "redis refused the command XADD at lua/dedup.lua line 61 (The user executing the script"
+        ));
+        // Redis 7.2 names the command too.
+        let newer = refused(
+            "ERR",
+            &format!("ACL failure in script: User highwater has no permissions to run the 'time' command script: {}, on @user_script:23.", Script::new(SCRIPT_FILES[4].1).get_hash()),
+        );
+        assert!(describe(&newer)
+            .starts_with("redis refused the command TIME at lua/agents.lua line 23 (ACL failure"));
+        let key = refused(
+            "NOPERM",
+            "this user has no permissions to access one of the keys used as arguments",
+        );
+        assert!(describe(&key).starts_with("redis refused a command (NOPERM this user"));
+
+        let other = refused("ERR", "wrong number of arguments for 'get' command");
+        assert!(!is_acl_refusal(&other));
+        assert_eq!(describe(&other), other.to_string());
     }
 }

@@ -449,6 +449,13 @@ pub async fn wait(
                         }
                     }
                 }
+                // Refused reads stay refused: waiting on cannot end well.
+                Err(error) if crate::sink::is_acl_refusal(&error) => {
+                    return Err(StatusError::Read {
+                        entity: entity.name.clone(),
+                        error,
+                    });
+                }
                 Err(e) => {
                     tracing::warn!(entity = %entity.name, error = %e, "cannot read the state; retrying")
                 }

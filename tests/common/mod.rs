@@ -443,3 +443,97 @@ impl Drop for Agent {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// A private `redis-server`, for tests that set the server up themselves
+// (users and their ACLs, persistence, memory).
+// ---------------------------------------------------------------------------
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+/// A `redis-server` of the test's own on a free port, with its own temp dir
+/// as `--dir` and no persistence; killed on drop.
+pub struct PrivateRedis {
+    child: std::process::Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateRedis {
+    /// Starts it with `args` added (e.g. `--aclfile <path>`) and waits until
+    /// the default user's PING is answered.
+    pub async fn start(args: &[&str]) -> PrivateRedis {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(dir.path())
+            .args(["--save", "", "--appendonly", "no"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start redis-server (is it installed? ./scripts/test installs it)");
+        let server = PrivateRedis {
+            child,
+            port,
+            _dir: dir,
+        };
+        let url = server.url();
+        eventually(
+            Duration::from_secs(20),
+            "the private redis-server to answer PING",
+            || {
+                let url = url.clone();
+                async move {
+                    let Ok(client) = redis::Client::open(url) else {
+                        return false;
+                    };
+                    match client.get_multiplexed_async_connection().await {
+                        Ok(mut conn) => redis::cmd("PING")
+                            .query_async::<String>(&mut conn)
+                            .await
+                            .is_ok(),
+                        Err(_) => false,
+                    }
+                }
+            },
+        )
+        .await;
+        server
+    }
+
+    /// Its URL for the default user.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Its URL for `user` with `password`.
+    pub fn url_as(&self, user: &str, password: &str) -> String {
+        format!("redis://{user}:{password}@127.0.0.1:{}/0", self.port)
+    }
+
+    /// A connection as the default user.
+    pub async fn admin(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the private redis-server")
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
