@@ -556,14 +556,14 @@ impl Keeper {
                 Ok(decided) => {
                     if failing {
                         failing = false;
-                        tracing::info!("leases: redis answers again");
+                        tracing::info!("leases: redis works again");
                     }
                     matches!(decided, Balance::Take(_) | Balance::GiveUp(_))
                 }
                 Err(e) => {
                     if !failing {
                         failing = true;
-                        tracing::warn!(error = %crate::agent::error_chain(&e), "leases: cannot reach redis; held leases expire unless renewed in time");
+                        tracing::warn!(error = %crate::agent::error_chain(&e), "leases: redis failed; held leases expire unless renewed in time");
                     }
                     true
                 }

@@ -30,14 +30,14 @@ pub enum SinkError {
         #[source]
         error: redis::RedisError,
     },
-    #[error("entity {entity}: redis: {action} failed")]
+    #[error("{}redis: {action} failed", entity_prefix(entity))]
     Command {
         entity: String,
         action: &'static str,
         #[source]
         error: redis::RedisError,
     },
-    #[error("entity {entity}: redis answered {action} with an unexpected reply: {reply}")]
+    #[error("{}redis answered {action} with an unexpected reply: {reply}", entity_prefix(entity))]
     Reply {
         entity: String,
         action: &'static str,
@@ -61,6 +61,16 @@ pub enum SinkError {
         action: &'static str,
         holder: Option<String>,
     },
+}
+
+/// `entity NAME: ` for errors about one entity; nothing for the agent's own
+/// calls (leases, INFO), which have none.
+fn entity_prefix(entity: &str) -> String {
+    if entity.is_empty() {
+        String::new()
+    } else {
+        format!("entity {entity}: ")
+    }
 }
 
 impl SinkError {
