@@ -2,7 +2,9 @@
 //! commit order per row, across crashes and restarts, as long as
 //! transactions are shorter than the look-back) measured against a
 //! randomized, seeded workload on real PostgreSQL and MariaDB, with the real
-//! binary polling it while faults are injected.
+//! binary polling it while faults are injected: one agent, or two and three
+//! sharing the config through leases (paused past the lease, killed,
+//! restarted).
 //!
 //! Each scenario prints one line to grep:
 //! `model: scenario=kill9 backend=postgres seed=... faults=6 ... versions=...
@@ -29,7 +31,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use model::proxy::Link;
-use model::run::{faults, soak, ModelRun, Settings};
+use model::run::{faults, soak, ModelRun, Report, Settings};
 use model::workload::Backend;
 
 /// How long the writers run in scenarios without a fault loop.
@@ -580,4 +582,157 @@ async fn sigterm_mid_cycle_exits_cleanly_and_the_next_run_completes() {
     );
     run.note(format!("mid_cycle={mid_cycle}"));
     run.finish(false).await.assert_clean();
+}
+
+// ---------------------------------------------------------------------------
+// Several agents on one config: paused holders, kills, rolling restarts.
+// ---------------------------------------------------------------------------
+
+/// The lease of the multi-agent scenarios: short, so that takeovers are many.
+const LEASE: Duration = Duration::from_secs(1);
+
+/// `agents` agents sharing the config with a [`LEASE`]-long lease.
+fn shared_by(scenario: &'static str, backend: Backend, agents: usize) -> Settings {
+    let mut settings = Settings::new(scenario, backend);
+    settings.agents = agents;
+    settings.lease = Some("1s");
+    settings
+}
+
+/// Two agents; again and again the holder (unfenced: either agent) is
+/// paused with SIGSTOP for longer than the lease and resumed with SIGCONT:
+/// half the time while its polling query runs (in the middle of a cycle:
+/// rows of an older snapshot still to write, and the commit), half at a
+/// random moment. Each row costs the query 2 ms, so that cycles last long
+/// enough to be paused in their middle; chunks are small.
+async fn paused_agents(mut settings: Settings) -> Report {
+    settings.chunk_rows = Some(3);
+    settings.query_filter = " AND pg_sleep(0.002)::text = ''";
+    let unfenced = settings.unfenced;
+    let mut run = ModelRun::new(settings).await;
+    run.start_agent_at(0, None);
+    first_cycle(&run).await;
+    run.start_agent_at(1, None);
+    for i in 0..faults(6, 60) {
+        let gap = run.random_ms(200, 1200);
+        tokio::time::sleep(gap).await;
+        let target = if unfenced {
+            run.rng_range(0, 1) as usize
+        } else {
+            run.wait_for_holder(Duration::from_secs(15)).await
+        };
+        let mid_cycle = i % 2 == 0;
+        if mid_cycle {
+            run.wait_polling_query(Duration::from_secs(20)).await;
+        }
+        let length = LEASE + run.random_ms(500, 1500);
+        run.pause_agent(target, length).await;
+        run.count_fault(if mid_cycle {
+            "pause_mid_cycle"
+        } else {
+            "pause"
+        });
+    }
+    run.finish(false).await
+}
+
+/// The paused holder loses the entity to the other agent; resumed, its
+/// writes from the older snapshot are refused by the fence: nothing lost,
+/// doubled or out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_with_the_holder_paused_past_its_lease_lose_reorder_and_duplicate_nothing() {
+    let report = paused_agents(shared_by("two_agents_paused", Backend::Postgres, 2)).await;
+    report.assert_clean();
+    assert!(
+        report.leases.takeovers >= 1 && report.leases.lost >= 1,
+        "no takeover of a paused holder's entity\n{}",
+        report.line
+    );
+    assert!(
+        report.leases.refused >= 1,
+        "no paused holder resumed in the middle of a cycle (no write refused by the fence)\n{}",
+        report.line
+    );
+}
+
+/// The same pauses with `HIGHWATER_UNFENCED=1` (two agents writing without
+/// leases, as before them): a resumed agent applies a chunk of an older
+/// snapshot after the other emitted newer versions (again, or for the first
+/// time), and the checker must count versions out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_reports_versions_out_of_order_from_unfenced_agents() {
+    let mut settings = shared_by("broken_unfenced", Backend::Postgres, 2);
+    settings.unfenced = true;
+    // It may never converge: a stale version can be the last one sent.
+    settings.catch_up = Duration::from_secs(5);
+    let report = paused_agents(settings).await;
+    assert!(
+        report.counts.out_of_order > 0,
+        "two unfenced agents, one paused in its cycles, must send versions out of order, and the checker must count them: {}",
+        report.line
+    );
+}
+
+/// Three agents; kill -9 of the holder (at a random moment, or right after
+/// one of its chunks landed), of two agents at once, of all three, and
+/// rolling restarts (the successor starts, then the old process gets
+/// SIGTERM) of the holder and of a standby, in turn. Killed agents are
+/// restarted after a while: before their lease ran out, or after a standby
+/// took over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_agents_killed_and_restarted_lose_reorder_and_duplicate_nothing() {
+    let mut run = ModelRun::new(shared_by("three_agents_kill_restart", Backend::MariaDb, 3)).await;
+    run.start_agent_at(0, None);
+    first_cycle(&run).await;
+    run.start_agent_at(1, None);
+    run.start_agent_at(2, None);
+    let mut rolls = 0;
+    for i in 0..faults(10, 100) {
+        let gap = run.random_ms(200, 1000);
+        tokio::time::sleep(gap).await;
+        let holder = run.wait_for_holder(Duration::from_secs(15)).await;
+        let other = (holder + run.rng_range(1, 2) as usize) % 3;
+        let killed = match i % 5 {
+            0 => vec![holder],
+            1 => {
+                run.wait_stream_growth(Duration::from_secs(20)).await;
+                vec![holder]
+            }
+            2 => vec![holder, other],
+            3 => vec![0, 1, 2],
+            _ => {
+                rolls += 1;
+                let standby = rolls % 2 == 0;
+                run.roll_agent(if standby { other } else { holder }).await;
+                run.count_fault(if standby {
+                    "rolling_restart_standby"
+                } else {
+                    "rolling_restart_holder"
+                });
+                Vec::new()
+            }
+        };
+        for &slot in &killed {
+            run.agent_at(slot).kill9();
+        }
+        match i % 5 {
+            0 => run.count_fault("kill9_holder"),
+            1 => run.count_fault("kill9_holder_mid_cycle"),
+            2 => run.count_fault("kill9_two"),
+            3 => run.count_fault("kill9_all"),
+            _ => {}
+        }
+        let down = run.random_ms(0, 1500);
+        tokio::time::sleep(down).await;
+        for slot in killed {
+            run.start_agent_at(slot, None);
+        }
+    }
+    let report = run.finish(false).await;
+    report.assert_clean();
+    assert!(
+        report.leases.takeovers >= 1,
+        "no agent took over a killed or stopped holder's entity\n{}",
+        report.line
+    );
 }

@@ -1,5 +1,6 @@
 //! `highwater run` as a child process: started, killed with `kill -9`,
-//! stopped with SIGTERM, restarted, its JSON log lines of every run kept.
+//! stopped with SIGTERM, paused (SIGSTOP) and resumed, restarted, its JSON
+//! log lines of every run kept.
 
 use std::io::BufRead;
 use std::path::Path;
@@ -82,6 +83,16 @@ impl AgentLog {
         spans
     }
 
+    /// How many lines contain `text`.
+    pub fn count_containing(&self, text: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(text))
+            .count()
+    }
+
     /// The last `n` lines, for failure messages.
     pub fn tail(&self, n: usize) -> String {
         let lines = self.lines();
@@ -107,13 +118,21 @@ pub fn timestamp(event: &Value) -> Option<i64> {
 pub struct AgentProcess {
     child: Child,
     reader: Option<std::thread::JoinHandle<()>>,
+    /// The harness killed it with `kill -9`: its exit says nothing.
+    killed: bool,
 }
 
 impl AgentProcess {
     /// Starts `highwater run --config <config> --log-format json`, with
-    /// `HIGHWATER_CRASH_AT` set when `crash_at` is given. Core dumps are
-    /// turned off (crash points abort).
-    pub fn start(config: &Path, log: &AgentLog, crash_at: Option<&str>) -> AgentProcess {
+    /// `HIGHWATER_CRASH_AT` set when `crash_at` is given and `env` added
+    /// (`HIGHWATER_UNFENCED=1`). Core dumps are turned off (crash points
+    /// abort).
+    pub fn start(
+        config: &Path,
+        log: &AgentLog,
+        crash_at: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> AgentProcess {
         let mut command = Command::new("sh");
         command
             .arg("-c")
@@ -124,6 +143,8 @@ impl AgentProcess {
             .args(["--log-format", "json"])
             .env("HIGHWATER_LOG", "info")
             .env_remove("HIGHWATER_CRASH_AT")
+            .env_remove("HIGHWATER_UNFENCED")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -132,11 +153,14 @@ impl AgentProcess {
         }
         let mut child = command.spawn().expect("start highwater run");
         log.push(format!(
-            "--- highwater run (pid {}{}) ---",
+            "--- highwater run (pid {}{}{}) ---",
             child.id(),
             crash_at
                 .map(|p| format!(", HIGHWATER_CRASH_AT={p}"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            env.iter()
+                .map(|(k, v)| format!(", {k}={v}"))
+                .collect::<String>()
         ));
         let stderr = child.stderr.take().expect("piped stderr");
         let sink = log.clone();
@@ -149,6 +173,7 @@ impl AgentProcess {
         AgentProcess {
             child,
             reader: Some(reader),
+            killed: false,
         }
     }
 
@@ -165,18 +190,39 @@ impl AgentProcess {
             .expect("run kill");
         // It may have exited by itself just before.
         let _ = status;
+        self.killed = true;
         let exit = self.child.wait().expect("wait for highwater");
         self.join_reader();
         exit
     }
 
+    /// Whether the harness killed it with `kill -9`.
+    pub fn killed(&self) -> bool {
+        self.killed
+    }
+
     /// SIGTERM.
     pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    /// SIGSTOP: the process stops where it is, holding what it holds (its
+    /// leases, a chunk read but not written), as a paused VM would.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// SIGCONT after [`AgentProcess::pause`].
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-s", "TERM", &self.pid().to_string()])
+            .args(["-s", name, &self.pid().to_string()])
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -s TERM failed");
+        assert!(status.success(), "kill -s {name} {} failed", self.pid());
     }
 
     pub fn exited(&mut self) -> Option<ExitStatus> {

@@ -11,10 +11,19 @@
 //!   cycle read it (its window reaches back `lookback` from a watermark no
 //!   later than the commit, and every transaction is shorter than the
 //!   look-back), so it emitted it or found it already on the stream.
+//!   With several agents the cycles of all of them count: a cycle is logged
+//!   as completed only when its commit went through, and with leases a
+//!   commit goes through only if every write of the cycle did (the fence
+//!   refuses a stale holder's). Their cycles may overlap (a paused agent's
+//!   last one around its successor's), so any completed cycle inside the
+//!   interval will do, not only the first one to start.
 //!
 //! Every message must be a committed version (same columns, same cursor),
 //! per key the versions must increase (`v` order is commit order, the writes
-//! bump `v` under the row lock), and no (key, version) may arrive twice.
+//! bump `v` under the row lock), and no (key, version) may arrive twice. A
+//! message whose version is below one already on the stream for its key is
+//! out of order, whether or not it arrived before (a stale writer re-sending
+//! an old version counts as both out of order and duplicated).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -32,7 +41,10 @@ pub struct Counts {
     /// Messages on the stream.
     pub emitted: usize,
     pub lost: usize,
+    /// Messages whose (key, version) arrived before.
     pub duplicated: usize,
+    /// Messages whose version is below the highest already on the stream
+    /// for their key.
     pub out_of_order: usize,
     /// Messages that match no committed version.
     pub phantom: usize,
@@ -99,6 +111,7 @@ pub fn check(
         cycles: cycles.len(),
         ..Counts::default()
     };
+    let cycles = Cycles::new(cycles);
 
     // Per key, the audit's commit order must be the version order: else the
     // harness, not the agent, is wrong.
@@ -150,7 +163,8 @@ pub fn check(
         if !arrived.insert((id, v)) {
             counts.duplicated += 1;
             counts.example(format!("row {id} v={v} arrived again ({})", message.id));
-        } else if highest.get(&id).is_some_and(|&h| v < h) {
+        }
+        if highest.get(&id).is_some_and(|&h| v < h) {
             counts.out_of_order += 1;
             counts.example(format!(
                 "row {id} v={v} arrived after v={} ({})",
@@ -183,7 +197,7 @@ pub fn check(
                     .and_then(|next| timings.get(&(next.id, next.v)))
                     .map(|t| t.sent);
                 match (from, until) {
-                    (Some(from), Some(until)) => stable_during_a_cycle(cycles, from, until),
+                    (Some(from), Some(until)) => cycles.one_within(from, until),
                     // A commit whose outcome the writer did not see: no claim.
                     _ => false,
                 }
@@ -228,13 +242,37 @@ pub fn check(
     counts
 }
 
-/// Did a completed cycle run entirely within `[from, until]`? Cycles of one
-/// entity never overlap, so the first one starting after `from` ends first.
-fn stable_during_a_cycle(cycles: &[CycleSpan], from: i64, until: i64) -> bool {
-    let first = cycles.partition_point(|c| c.start < from + MARGIN_US);
-    cycles
-        .get(first)
-        .is_some_and(|c| c.end + MARGIN_US <= until)
+/// The completed cycles, by start, with the earliest end among the cycles
+/// from each one on: the cycles of several agents may overlap, so the first
+/// one to start after an instant is not always the first to end.
+struct Cycles {
+    spans: Vec<CycleSpan>,
+    earliest_end_from: Vec<i64>,
+}
+
+impl Cycles {
+    fn new(cycles: &[CycleSpan]) -> Cycles {
+        let mut spans = cycles.to_vec();
+        spans.sort_by_key(|c| c.start);
+        let mut earliest_end_from = vec![i64::MAX; spans.len()];
+        let mut earliest = i64::MAX;
+        for (i, span) in spans.iter().enumerate().rev() {
+            earliest = earliest.min(span.end);
+            earliest_end_from[i] = earliest;
+        }
+        Cycles {
+            spans,
+            earliest_end_from,
+        }
+    }
+
+    /// Did a completed cycle run entirely within `[from, until]`?
+    fn one_within(&self, from: i64, until: i64) -> bool {
+        let first = self.spans.partition_point(|c| c.start < from + MARGIN_US);
+        self.earliest_end_from
+            .get(first)
+            .is_some_and(|&end| end + MARGIN_US <= until)
+    }
 }
 
 /// (id, v) from the message's payload.
@@ -343,6 +381,37 @@ mod tests {
         assert_eq!(counts.out_of_order, 1, "v2 after v3: {counts:?}");
         assert_eq!(counts.duplicated, 1, "v3 twice: {counts:?}");
         assert_eq!(counts.final_mismatch, 1, "row 2 never arrived: {counts:?}");
+
+        // A stale writer sends v1 again after v3: twice, and back in time.
+        let stale = [
+            message(1, &audit[0]),
+            message(2, &audit[2]),
+            message(3, &audit[0]),
+            message(4, &audit[3]),
+        ];
+        let counts = check(&audit, &finals, &timings, &stale, &cycles);
+        assert_eq!(
+            (counts.duplicated, counts.out_of_order),
+            (1, 1),
+            "{counts:?}"
+        );
+        assert_eq!(counts.final_mismatch, 1, "row 1 ends at v1: {counts:?}");
+
+        // Two agents: a long cycle of one (paused in its middle) around a
+        // short one of the other. v1 was stable during the short one.
+        let overlapping = [
+            CycleSpan {
+                start: 5_000,
+                end: 55_000,
+            },
+            CycleSpan {
+                start: 10_000,
+                end: 20_000,
+            },
+        ];
+        let counts = check(&audit, &finals, &timings, &broken, &overlapping);
+        assert_eq!(counts.required, 3, "{counts:?}");
+        assert_eq!(counts.lost, 2, "row 1 v1 and row 2 v1: {counts:?}");
 
         let mut forged = message(1, &audit[0]);
         forged.payload.as_mut().unwrap()["name"] = "other".into();

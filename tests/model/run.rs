@@ -1,7 +1,8 @@
 //! One scenario's run: its database tables and writers, its private Redis,
-//! maybe a proxy in front of the database, the agent's config, the agent
-//! process (restarted as often as the scenario likes), and at the end the
-//! catch-up, the check and the one-line report.
+//! maybe a proxy in front of the database, the agents' config, the agent
+//! processes (one, or several sharing the config through leases, each
+//! restarted as often as the scenario likes, each with its own log), and at
+//! the end the catch-up, the check and the one-line report.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -57,6 +58,17 @@ pub struct Settings {
     pub workload: WorkloadSettings,
     /// How long [`ModelRun::finish`] waits for the agent to catch up.
     pub catch_up: Duration,
+    /// Agents running the config side by side, each a process with its own
+    /// log (slots `0..agents`).
+    pub agents: usize,
+    /// `[agent] lease`, if set.
+    pub lease: Option<&'static str>,
+    /// Every agent runs with `HIGHWATER_UNFENCED=1`: no leases, every agent
+    /// writes the entity (the honesty check of the fence).
+    pub unfenced: bool,
+    /// Appended to the polling query (`AND ...`): a per-row sleep makes
+    /// cycles long, so that pauses land in their middle.
+    pub query_filter: &'static str,
 }
 
 impl Settings {
@@ -76,6 +88,10 @@ impl Settings {
             preload: 0,
             workload: WorkloadSettings::default(),
             catch_up: Duration::from_secs(if soak() { 90 } else { 45 }),
+            agents: 1,
+            lease: None,
+            unfenced: false,
+            query_filter: "",
         }
     }
 }
@@ -101,8 +117,15 @@ pub struct ModelRun {
     pub redis: RedisServer,
     pub proxy: Option<Proxy>,
     pub config: PathBuf,
+    /// The log of agent 0 (every run of it), the only one of most scenarios.
     pub log: AgentLog,
-    pub agent: Option<AgentProcess>,
+    /// Each agent slot's log: every run of that slot.
+    pub logs: Vec<AgentLog>,
+    /// Each slot's process, once started.
+    agents: Vec<Option<AgentProcess>>,
+    /// When each slot's process was paused (SIGSTOP to SIGCONT, µs since
+    /// 1970): its cycles around a pause are not given to the checker.
+    pauses: Vec<Vec<(i64, i64)>>,
     /// Poll interval of the entity (milliseconds), drawn from the seed.
     pub every_ms: u64,
     pub chunk_rows: usize,
@@ -116,8 +139,9 @@ pub struct ModelRun {
     /// Redis loses the stream.
     collected: Vec<Message>,
     last_id: String,
-    /// Where [`ModelRun::save_log`] writes, created by its first call.
-    log_file: OnceLock<PathBuf>,
+    /// Where [`ModelRun::save_log`] writes (a file per agent), created by
+    /// its first call.
+    log_files: OnceLock<Vec<PathBuf>>,
     _dir: tempfile::TempDir,
 }
 
@@ -125,9 +149,24 @@ pub struct ModelRun {
 pub struct Report {
     pub line: String,
     pub counts: Counts,
-    /// The last agent's exit status after SIGTERM (`None`: it did not exit).
+    /// The last agents' exit status after SIGTERM: the first that is not
+    /// success, if any (`None`: one did not exit).
     pub exit: Option<ExitStatus>,
     pub log_tail: String,
+    /// What the agents' logs say about leases (runs of several agents).
+    pub leases: LeaseCounts,
+}
+
+/// Lease events in all agents' logs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LeaseCounts {
+    /// `took over entity`: a lease taken whose last holder was another agent.
+    pub takeovers: usize,
+    /// `lost the lease on entity`.
+    pub lost: usize,
+    /// `the fence refused its write`: a stale holder's cycle stopped by the
+    /// fence in its middle.
+    pub refused: usize,
 }
 
 impl Report {
@@ -204,8 +243,12 @@ impl ModelRun {
             .pause_at_memory
             .map(|p| format!("pause_at_memory = {p}\n"))
             .unwrap_or_default();
+        let agent = settings
+            .lease
+            .map(|lease| format!("[agent]\nlease = \"{lease}\"\n\n"))
+            .unwrap_or_default();
         let text = format!(
-            r#"[redis]
+            r#"{agent}[redis]
 url = "{redis}"
 key_prefix = "hw"
 timeout = "5s"
@@ -220,7 +263,7 @@ timeout = "{source_timeout}"
 
 [entities.{ENTITY}]
 source = "db"
-query = "{query}"
+query = "{query}{filter}"
 key = "id"
 cursor = "updated_at"
 lookback = "{lookback}"
@@ -234,6 +277,7 @@ on_state_loss = "{on_state_loss}"
             redis = redis.url(),
             source_timeout = settings.source_timeout,
             query = tables.query(),
+            filter = settings.query_filter,
             lookback = settings.lookback,
             on_state_loss = settings.on_state_loss,
         );
@@ -247,8 +291,10 @@ on_state_loss = "{on_state_loss}"
             settings.preload,
             Arc::clone(&timings),
         );
+        let logs: Vec<AgentLog> = (0..settings.agents.max(1))
+            .map(|_| AgentLog::default())
+            .collect();
         ModelRun {
-            settings,
             seed,
             rng,
             db,
@@ -256,8 +302,11 @@ on_state_loss = "{on_state_loss}"
             redis,
             proxy,
             config,
-            log: AgentLog::default(),
-            agent: None,
+            log: logs[0].clone(),
+            agents: logs.iter().map(|_| None).collect(),
+            pauses: logs.iter().map(|_| Vec::new()).collect(),
+            logs,
+            settings,
             every_ms,
             chunk_rows,
             workload: Some(workload),
@@ -266,24 +315,145 @@ on_state_loss = "{on_state_loss}"
             notes: Vec::new(),
             collected: Vec::new(),
             last_id: "0".into(),
-            log_file: OnceLock::new(),
+            log_files: OnceLock::new(),
             _dir: dir,
         }
     }
 
-    /// Starts the agent (the previous one must have exited).
+    /// Starts agent 0 (its previous process must have exited).
     pub fn start_agent(&mut self, crash_at: Option<&str>) {
-        if let Some(agent) = &mut self.agent {
-            assert!(
-                agent.exited().is_some(),
-                "start_agent while the previous agent runs"
-            );
-        }
-        self.agent = Some(AgentProcess::start(&self.config, &self.log, crash_at));
+        self.start_agent_at(0, crash_at);
     }
 
+    /// Starts agent `slot` (its previous process must have exited).
+    pub fn start_agent_at(&mut self, slot: usize, crash_at: Option<&str>) {
+        if let Some(agent) = &mut self.agents[slot] {
+            assert!(
+                agent.exited().is_some(),
+                "start_agent_at({slot}) while its previous process runs"
+            );
+        }
+        self.agents[slot] = Some(self.launch(slot, crash_at));
+    }
+
+    fn launch(&self, slot: usize, crash_at: Option<&str>) -> AgentProcess {
+        let env: &[(&str, &str)] = if self.settings.unfenced {
+            &[("HIGHWATER_UNFENCED", "1")]
+        } else {
+            &[]
+        };
+        AgentProcess::start(&self.config, &self.logs[slot], crash_at, env)
+    }
+
+    /// Agent 0's process.
     pub fn agent(&mut self) -> &mut AgentProcess {
-        self.agent.as_mut().expect("an agent was started")
+        self.agent_at(0)
+    }
+
+    pub fn agent_at(&mut self, slot: usize) -> &mut AgentProcess {
+        self.agents[slot].as_mut().expect("the agent was started")
+    }
+
+    /// Whether agent `slot`'s process runs.
+    pub fn running(&mut self, slot: usize) -> bool {
+        self.agents[slot]
+            .as_mut()
+            .is_some_and(|agent| agent.exited().is_none())
+    }
+
+    /// A rolling restart of agent `slot`: its successor starts, then the
+    /// old process gets SIGTERM, which must exit 0 promptly.
+    pub async fn roll_agent(&mut self, slot: usize) {
+        let successor = self.launch(slot, None);
+        let mut old = self.agents[slot]
+            .replace(successor)
+            .expect("the agent was started");
+        old.sigterm();
+        let status = old.wait_exit(Duration::from_secs(20)).await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "SIGTERM of agent {slot} (rolling restart) must exit 0 promptly, got {status:?} (seed {}); its log:\n{}",
+            self.seed,
+            self.logs[slot].tail(30)
+        );
+    }
+
+    /// Pauses agent `slot` (SIGSTOP) for `length`, then resumes it (SIGCONT).
+    pub async fn pause_agent(&mut self, slot: usize, length: Duration) {
+        let from = workload::now_micros();
+        self.agent_at(slot).pause();
+        tokio::time::sleep(length).await;
+        self.agent_at(slot).resume();
+        self.pauses[slot].push((from, workload::now_micros()));
+    }
+
+    /// Which agent slot holds the entity's lease now (its value ends with
+    /// the holder's id, `<hostname>-<pid>`).
+    pub async fn holder(&mut self) -> Option<usize> {
+        let value: Option<String> = self
+            .redis_query(redis::cmd("GET").arg(format!("hw:{{{ENTITY}}}:lease:{ENTITY}")))
+            .await;
+        let value = value?;
+        (0..self.agents.len()).find(|&slot| {
+            self.agents[slot]
+                .as_ref()
+                .is_some_and(|a| value.ends_with(&format!("-{}", a.pid())))
+        })
+    }
+
+    /// Waits until a running agent holds the entity's lease.
+    pub async fn wait_for_holder(&mut self, deadline: Duration) -> usize {
+        let started = Instant::now();
+        loop {
+            if let Some(slot) = self.holder().await {
+                if self.running(slot) {
+                    return slot;
+                }
+            }
+            assert!(
+                started.elapsed() < deadline,
+                "timed out after {deadline:?} waiting for a running agent to hold the lease (seed {}); logs in {}",
+                self.seed,
+                self.save_log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// How many lines of all agents' logs contain `text`.
+    pub fn count_in_logs(&self, text: &str) -> usize {
+        self.logs.iter().map(|l| l.count_containing(text)).sum()
+    }
+
+    /// Waits until an agent's polling query runs on the database: a cycle
+    /// is reading its window (PostgreSQL's `pg_stat_activity`).
+    pub async fn wait_polling_query(&self, deadline: Duration) {
+        let Db::Pg(pool) = &self.db else {
+            panic!("wait_polling_query reads PostgreSQL's pg_stat_activity");
+        };
+        // The polling query; none of the writers' statements has this.
+        let pattern = format!("%FROM {} WHERE%", self.tables.table);
+        let started = Instant::now();
+        loop {
+            let running: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE state = 'active' AND pid <> pg_backend_pid() AND query LIKE $1",
+            )
+            .bind(&pattern)
+            .fetch_one(pool)
+            .await
+            .expect("read pg_stat_activity");
+            if running > 0 {
+                return;
+            }
+            assert!(
+                started.elapsed() < deadline,
+                "timed out after {deadline:?} waiting for an agent's polling query to run (seed {}); logs in {}",
+                self.seed,
+                self.save_log()
+            );
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
     }
 
     pub fn count_fault(&mut self, kind: &'static str) {
@@ -303,28 +473,57 @@ on_state_loss = "{on_state_loss}"
         Duration::from_millis(self.rng.random_range(min_ms..=max_ms))
     }
 
-    /// Writes the agent's whole log (every run) to a file kept after the
-    /// test, for a failure message: returns its path.
+    /// Writes each agent's whole log (every run) to a file kept after the
+    /// test, for a failure message: returns their paths.
     pub fn save_log(&self) -> String {
-        let path = self.log_file.get_or_init(|| {
-            // A name of its own, not only the seed's: a replay of this seed
-            // running beside it (HIGHWATER_SEED) keeps its own log.
-            tempfile::Builder::new()
-                .prefix(&format!(
-                    "highwater-model-{}-{}-{}-",
-                    self.settings.scenario,
-                    self.settings.backend.name(),
-                    self.seed
-                ))
-                .suffix(".log")
-                .tempfile()
-                .expect("create the log file")
-                .into_temp_path()
-                .keep()
-                .expect("keep the log file")
+        let paths = self.log_files.get_or_init(|| {
+            (0..self.logs.len())
+                .map(|slot| {
+                    // A name of its own, not only the seed's: a replay of
+                    // this seed running beside it (HIGHWATER_SEED) keeps its
+                    // own log.
+                    let agent = if self.logs.len() > 1 {
+                        format!("agent{slot}-")
+                    } else {
+                        String::new()
+                    };
+                    tempfile::Builder::new()
+                        .prefix(&format!(
+                            "highwater-model-{}-{}-{}-{agent}",
+                            self.settings.scenario,
+                            self.settings.backend.name(),
+                            self.seed
+                        ))
+                        .suffix(".log")
+                        .tempfile()
+                        .expect("create the log file")
+                        .into_temp_path()
+                        .keep()
+                        .expect("keep the log file")
+                })
+                .collect()
         });
-        let _ = std::fs::write(path, self.log.lines().join("\n"));
-        path.display().to_string()
+        for (path, log) in paths.iter().zip(&self.logs) {
+            let _ = std::fs::write(path, log.lines().join("\n"));
+        }
+        paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// The last `n` lines of each agent's log, for failure messages.
+    fn logs_tail(&self, n: usize) -> String {
+        if self.logs.len() == 1 {
+            return self.log.tail(n);
+        }
+        self.logs
+            .iter()
+            .enumerate()
+            .map(|(slot, log)| format!("--- agent {slot}:\n{}", log.tail(n)))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// A random integer in `[min, max]` from the scenario's seed.
@@ -456,7 +655,7 @@ on_state_loss = "{on_state_loss}"
         if let Some(workload) = self.workload.as_mut() {
             workload.stop().await;
         }
-        if let Some(agent) = self.agent.as_mut() {
+        for agent in self.agents.iter_mut().flatten() {
             if agent.exited().is_none() {
                 agent.kill9();
             }
@@ -616,10 +815,7 @@ on_state_loss = "{on_state_loss}"
         };
         let (_, finals) = workload::read_truth(&self.db, &self.tables).await;
 
-        let running = self
-            .agent
-            .as_mut()
-            .is_some_and(|agent| agent.exited().is_none());
+        let running = (0..self.agents.len()).any(|slot| self.running(slot));
         if !running {
             self.start_agent(None);
         }
@@ -663,7 +859,7 @@ on_state_loss = "{on_state_loss}"
             }
             if started.elapsed() > deadline {
                 println!(
-                    "model: scenario={} seed={}: the agent did not catch up within {deadline:?} ({} of {} rows current)",
+                    "model: scenario={} seed={}: the agents did not catch up within {deadline:?} ({} of {} rows current)",
                     self.settings.scenario,
                     self.seed,
                     present.len(),
@@ -674,14 +870,25 @@ on_state_loss = "{on_state_loss}"
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
 
-        let agent = self.agent.as_mut().expect("agent");
-        let exit = match agent.exited() {
-            Some(status) => Some(status),
-            None => {
+        // Every agent still running gets SIGTERM at once (they hand the
+        // entity over as they go); each must exit 0. One that exited by
+        // itself (not killed by the scenario) reports its status too.
+        for agent in self.agents.iter_mut().flatten() {
+            if agent.exited().is_none() {
                 agent.sigterm();
-                agent.wait_exit(Duration::from_secs(30)).await
             }
-        };
+        }
+        let mut exits = Vec::new();
+        for agent in self.agents.iter_mut().flatten() {
+            if !agent.killed() {
+                exits.push(agent.wait_exit(Duration::from_secs(30)).await);
+            }
+        }
+        let exit = exits
+            .iter()
+            .copied()
+            .find(|e| !e.is_some_and(|s| s.success()))
+            .unwrap_or_else(|| exits.first().copied().flatten());
 
         let messages = if from_collection {
             self.drain().await;
@@ -697,9 +904,38 @@ on_state_loss = "{on_state_loss}"
                 .expect("XRANGE");
             parse_entries(entries)
         };
+        let leases = LeaseCounts {
+            takeovers: self.count_in_logs("took over entity"),
+            lost: self.count_in_logs("lost the lease on entity"),
+            refused: self.count_in_logs("the fence refused its write"),
+        };
+        if self.logs.len() > 1 {
+            self.note(format!(
+                "agents={} takeovers={} leases_lost={} writes_refused={}",
+                self.logs.len(),
+                leases.takeovers,
+                leases.lost,
+                leases.refused
+            ));
+        }
         let (audit, finals) = workload::read_truth(&self.db, &self.tables).await;
         let timings = self.timings.lock().unwrap().clone();
-        let cycles = self.log.completed_cycles();
+        // Every agent's cycles, but not those around a pause of their agent:
+        // a cycle's start is taken as its log line's time minus its
+        // duration, and a pause between the two would shift it later than
+        // the cycle's real start.
+        let cycles: Vec<_> = self
+            .logs
+            .iter()
+            .zip(&self.pauses)
+            .flat_map(|(log, pauses)| {
+                log.completed_cycles().into_iter().filter(|c| {
+                    !pauses
+                        .iter()
+                        .any(|&(from, until)| from < c.end && until > c.start)
+                })
+            })
+            .collect();
         let counts = checker::check(&audit, &finals, &timings, &messages, &cycles);
 
         let faults = self
@@ -723,7 +959,7 @@ on_state_loss = "{on_state_loss}"
             self.chunk_rows,
         );
         println!("{line}");
-        println!("model: the agent's log is in {}", self.save_log());
+        println!("model: the agents' logs are in {}", self.save_log());
         let clean = counts.lost == 0
             && counts.duplicated == 0
             && counts.out_of_order == 0
@@ -736,7 +972,8 @@ on_state_loss = "{on_state_loss}"
             line,
             counts,
             exit,
-            log_tail: self.log.tail(60),
+            log_tail: self.logs_tail(60),
+            leases,
         }
     }
 }
