@@ -588,6 +588,7 @@ fn log_cycle(report: &CycleReport) {
         rows = report.rows,
         emitted = report.emitted,
         skipped = report.skipped,
+        started_at = %crate::change::format_timestamp(report.started_at_ms.saturating_mul(1000)),
         duration_ms = report.duration.as_millis() as u64,
         watermark = report.watermark.map(crate::change::format_timestamp).unwrap_or_default(),
         interrupted = report.interrupted,

@@ -449,6 +449,9 @@ pub struct Keeper {
     claims: Vec<Arc<Claim>>,
     /// Take and give up leases (`run`); `false` only renews (`once`).
     balance: bool,
+    /// Set by [`Keeper::run`]: a keeper of an agent that is stopping takes
+    /// no more leases (another agent's release can wake it just then).
+    stop: Option<watch::Receiver<bool>>,
 }
 
 impl Keeper {
@@ -457,6 +460,7 @@ impl Keeper {
             leases,
             claims,
             balance,
+            stop: None,
         }
     }
 
@@ -490,6 +494,7 @@ impl Keeper {
                     tracing::info!(entity = %claim.entity, agents = live.len(), "gave up the lease on entity {} to rebalance", claim.entity);
                 }
             }
+            Balance::Take(_) if self.stop.as_ref().is_some_and(|stop| *stop.borrow()) => {}
             Balance::Take(n) => self.take_free(n).await?,
             Balance::Keep => {}
         }
@@ -548,7 +553,8 @@ impl Keeper {
     /// times per lease (renewals, heartbeat). Either way a lease released
     /// or an agent joining or leaving wakes every keeper at once (a
     /// message on the changes channel).
-    pub async fn run(self, mut stop: watch::Receiver<bool>) -> Keeper {
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Keeper {
+        self.stop = Some(stop.clone());
         let mut failing = false;
         let mut changes = Changes::new(&self.leases);
         loop {

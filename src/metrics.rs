@@ -594,6 +594,7 @@ mod tests {
             watermark: Some(1_700_000_000_000_000),
             db_now: Some(1_700_000_000_000_000),
             interrupted: false,
+            started_at_ms: 1_700_000_000_000,
         }
     }
 

@@ -319,6 +319,8 @@ pub struct CycleReport {
     pub interrupted: bool,
     /// The database's clock at cycle start (time cursors), microseconds.
     pub db_now: Option<i64>,
+    /// When the cycle started, this machine's clock, milliseconds since 1970.
+    pub started_at_ms: i64,
 }
 
 /// Runs one cycle. `stop` turning true ends the cycle after the chunk in
@@ -413,6 +415,7 @@ pub async fn run_cycle(
         watermark,
         interrupted: false,
         db_now: t0,
+        started_at_ms,
     };
     // The agent's memory of confirmed versions is valid only while nobody
     // else wrote this entity's state since this process last did.
