@@ -622,7 +622,9 @@ const SECOND_US: i64 = 1_000_000;
 /// Naive times go through the time zone and back, so that in the hour
 /// repeated when clocks go back the bound is the instant a row stamped with
 /// that wall-clock time reads as. PostgreSQL times and version cursors
-/// bind exactly.
+/// bind exactly. (In a zone whose clocks jump over midnight, a date's bound
+/// can read back as the day before: the window is a day wider and its
+/// extra rows are counted as below it, never lost nor sent twice.)
 pub(crate) fn bound_epoch(
     binding: SinceBinding,
     backend: Backend,
