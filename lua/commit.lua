@@ -14,7 +14,7 @@
 -- caller repeats the call while it trims a full batch, so a large trim never
 -- blocks Redis for long.
 --
--- KEYS[1] state, KEYS[2] seen, KEYS[3] digest, KEYS[4] lease
+-- KEYS[1] state, KEYS[2] seen, KEYS[3] digest, KEYS[4] lease, KEYS[5] stream
 -- ARGV[1] candidate watermark ("" = keep the old one)
 -- ARGV[2] trim below this epoch ("" = trim nothing)
 -- ARGV[3] trim batch size
@@ -25,11 +25,13 @@
 --         changes nothing (the fence, as in lua/dedup.lua)
 -- ARGV[6..] field, value pairs recorded in the state hash (last cycle's figures)
 --
--- Returns {watermark or false, trimmed}; false, changing nothing, when the
+-- Returns {watermark or false, trimmed, keys in seen, entries in the stream}
+-- (the sizes, so that the agent's gauges cost no round trip of their own);
+-- false, changing nothing, when the
 -- state hash must exist but does not (Redis lost it during the cycle: a
 -- commit would recreate it and hide the loss).
 
-local state, seen, digests, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local state, seen, digests, lease, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local candidate, below, batch = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 if ARGV[4] == '1' and redis.call('EXISTS', state) == 0 then
@@ -67,5 +69,6 @@ if below ~= '' then
 end
 -- How many keys the dedup state tracks: a cycle that later finds the digest
 -- hash empty while this is not zero knows Redis lost data.
-redis.call('HSET', state, 'tracked', redis.call('ZCARD', seen))
-return {watermark or false, trimmed}
+local tracked = redis.call('ZCARD', seen)
+redis.call('HSET', state, 'tracked', tracked)
+return {watermark or false, trimmed, tracked, redis.call('XLEN', stream)}

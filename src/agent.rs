@@ -494,9 +494,13 @@ impl EntityTask {
                     failures = 0;
                     log_cycle(&report);
                     crate::metrics::global().record_cycle(&report);
-                    crate::metrics::global()
-                        .observe_sizes(&self.sink, self.settings())
-                        .await;
+                    if let Some((dedup_keys, stream_entries)) = report.sizes {
+                        crate::metrics::global().record_sizes(
+                            &self.entity,
+                            dedup_keys,
+                            stream_entries,
+                        );
+                    }
                     if report.interrupted {
                         return;
                     }

@@ -12,9 +12,8 @@ use std::fmt::Write as _;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::config::{CursorKind, EntitySettings};
+use crate::config::CursorKind;
 use crate::poller::{CycleError, CycleReport};
-use crate::sink::Sink;
 use crate::source::SourceError;
 
 /// Cycles finished, by `outcome` (see [`Outcome`]). Counter; labels entity, outcome.
@@ -55,9 +54,6 @@ pub const LEASE_HELD: &str = "highwater_lease_held";
 pub const LEASE_TAKEOVERS_TOTAL: &str = "highwater_lease_takeovers_total";
 /// Leases this agent lost to another agent or to expiry while it held them. Counter; label entity.
 pub const LEASES_LOST_TOTAL: &str = "highwater_leases_lost_total";
-
-/// How long reading the gauges' sizes from Redis may take after a cycle.
-const REDIS_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Upper bounds of the cycle duration histogram's buckets, seconds.
 const DURATION_BUCKETS: [f64; 14] = [
@@ -247,21 +243,6 @@ impl Metrics {
         let m = registry.entities.entry(entity.to_owned()).or_default();
         m.dedup_keys = Some(dedup_keys);
         m.stream_entries = Some(stream_entries);
-    }
-
-    /// Reads the sizes of an entity's dedup set and stream from Redis and
-    /// records them (best effort: a slow or failing Redis leaves the last values).
-    pub async fn observe_sizes(&self, sink: &Sink, entity: &EntitySettings) {
-        let keys = sink.keys(entity);
-        let mut conn = sink.connection();
-        let mut pipe = redis::pipe();
-        pipe.zcard(&keys.seen).xlen(&keys.stream);
-        let read = pipe.query_async::<(u64, u64)>(&mut conn);
-        if let Ok(Ok((dedup_keys, stream_entries))) =
-            tokio::time::timeout(REDIS_READ_TIMEOUT, read).await
-        {
-            self.record_sizes(&entity.name, dedup_keys, stream_entries);
-        }
     }
 
     /// Records how many rows the cycle in progress has read.
@@ -595,6 +576,7 @@ mod tests {
             db_now: Some(1_700_000_000_000_000),
             interrupted: false,
             started_at_ms: 1_700_000_000_000,
+            sizes: Some((rows, rows)),
         }
     }
 

@@ -321,6 +321,9 @@ pub struct CycleReport {
     pub db_now: Option<i64>,
     /// When the cycle started, this machine's clock, milliseconds since 1970.
     pub started_at_ms: i64,
+    /// Keys in the dedup set and entries in the stream after the commit
+    /// (`None`: the cycle did not commit).
+    pub sizes: Option<(u64, u64)>,
 }
 
 /// Runs one cycle. `stop` turning true ends the cycle after the chunk in
@@ -416,6 +419,7 @@ pub async fn run_cycle(
         interrupted: false,
         db_now: t0,
         started_at_ms,
+        sizes: None,
     };
     // The agent's memory of confirmed versions is valid only while nobody
     // else wrote this entity's state since this process last did.
@@ -542,7 +546,7 @@ pub async fn run_cycle(
             skipped: report.skipped,
             db_now: t0,
         };
-        report.watermark = sink
+        let committed = sink
             .commit(
                 entity,
                 &keys,
@@ -556,6 +560,8 @@ pub async fn run_cycle(
             )
             .await
             .map_err(|e| state_vanished(entity, memory, e))?;
+        report.watermark = committed.watermark;
+        report.sizes = Some((committed.dedup_keys, committed.stream_entries));
         memory.had_state = true;
     } else {
         memory.had_state |= report.emitted > 0;

@@ -37,7 +37,10 @@ pub enum SinkError {
         #[source]
         error: redis::RedisError,
     },
-    #[error("{}redis answered {action} with an unexpected reply: {reply}", entity_prefix(entity))]
+    #[error(
+        "{}redis answered {action} with an unexpected reply: {reply}",
+        entity_prefix(entity)
+    )]
     Reply {
         entity: String,
         action: &'static str,
@@ -310,6 +313,17 @@ pub struct Commit<'a> {
     pub fence: Option<&'a str>,
 }
 
+/// What [`Sink::commit`] left: the watermark now stored (`None`: never set)
+/// and the sizes after the trim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    pub watermark: Option<i64>,
+    /// Keys in the dedup set.
+    pub dedup_keys: u64,
+    /// Entries in the stream (all variants).
+    pub stream_entries: u64,
+}
+
 /// The connection to Redis and the scripts.
 #[derive(Clone)]
 pub struct Sink {
@@ -553,13 +567,13 @@ impl Sink {
     /// records the cycle's figures and trims the dedup state below
     /// `trim_below` (`None`: nothing), which the caller guarantees no later
     /// window can reach, all fenced with the caller's lease. Returns the
-    /// watermark now stored.
+    /// watermark now stored, with the sizes of the dedup set and the stream.
     pub async fn commit(
         &self,
         entity: &EntitySettings,
         keys: &EntityKeys,
         commit: &Commit<'_>,
-    ) -> Result<Option<i64>, SinkError> {
+    ) -> Result<Committed, SinkError> {
         let Commit {
             candidate,
             trim_below,
@@ -578,6 +592,7 @@ impl Sink {
                 .key(&keys.seen)
                 .key(&keys.digest)
                 .key(&keys.lease)
+                .key(&keys.stream)
                 .arg(&candidate)
                 .arg(&trim_below)
                 .arg(TRIM_BATCH)
@@ -599,17 +614,18 @@ impl Sink {
                     invocation.arg("last_db_now").arg(db_now);
                 }
             }
-            let committed: Option<(Option<String>, usize)> = invocation
+            let committed: Option<(Option<String>, usize, u64, u64)> = invocation
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|error| fenced_or(&entity.name, "the commit script", error))?;
-            let (watermark, trimmed) = committed.ok_or_else(|| SinkError::StateVanished {
-                entity: entity.name.clone(),
-                action: "the commit script",
-            })?;
+            let (watermark, trimmed, dedup_keys, stream_entries) =
+                committed.ok_or_else(|| SinkError::StateVanished {
+                    entity: entity.name.clone(),
+                    action: "the commit script",
+                })?;
             first = false;
             if trimmed < TRIM_BATCH {
-                return watermark
+                let watermark = watermark
                     .map(|w| {
                         w.parse::<i64>().map_err(|_| SinkError::Reply {
                             entity: entity.name.clone(),
@@ -617,7 +633,12 @@ impl Sink {
                             reply: w.clone(),
                         })
                     })
-                    .transpose();
+                    .transpose()?;
+                return Ok(Committed {
+                    watermark,
+                    dedup_keys,
+                    stream_entries,
+                });
             }
         }
     }

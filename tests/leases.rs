@@ -621,13 +621,14 @@ async fn dedup(k: &Keys, lease: &str, pkey: &str, digest: &str) -> redis::RedisR
         .await
 }
 
-async fn commit(k: &Keys, lease: &str) -> redis::RedisResult<(Option<String>, i64)> {
+async fn commit(k: &Keys, lease: &str) -> redis::RedisResult<(Option<String>, i64, i64, i64)> {
     let mut conn = redis_conn().await;
     script("commit.lua")
         .key(&k.state)
         .key(&k.seen)
         .key(&k.digest)
         .key(&k.lease)
+        .key(&k.stream)
         .arg(5_000_000)
         .arg(10_000_000)
         .arg(1000)
