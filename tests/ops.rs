@@ -51,15 +51,6 @@ fn assert_line(report: &str, level: &str, needles: &[&str]) {
     );
 }
 
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind a free port")
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A one-request HTTP/1.1 client: status code and body.
 fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
@@ -589,59 +580,6 @@ async fn check_warns_when_a_write_transaction_outlasts_the_lookback() {
                 "longer than lookback 1ms",
             ],
         );
-    }
-}
-
-/// A private `redis-server` on a free port, stopped on drop.
-struct PrivateRedis {
-    child: std::process::Child,
-    port: u16,
-    /// Its working directory: it loads a `dump.rdb` found there.
-    _dir: tempfile::TempDir,
-}
-
-impl PrivateRedis {
-    async fn start(args: &[&str]) -> PrivateRedis {
-        let port = free_port();
-        let dir = tempfile::tempdir().expect("temp dir");
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .arg("--dir")
-            .arg(dir.path())
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        let url = format!("redis://127.0.0.1:{port}/0");
-        eventually(DEADLINE, "the private redis-server to answer PING", || {
-            let url = url.clone();
-            async move {
-                let Ok(client) = redis::Client::open(url) else {
-                    return false;
-                };
-                match client.get_multiplexed_async_connection().await {
-                    Ok(mut conn) => redis::cmd("PING")
-                        .query_async::<String>(&mut conn)
-                        .await
-                        .is_ok(),
-                    Err(_) => false,
-                }
-            }
-        })
-        .await;
-        PrivateRedis {
-            child,
-            port,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

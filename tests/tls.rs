@@ -174,14 +174,6 @@ impl Drop for TlsRedis {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind a free port")
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A config with `redis` as its `[redis]` table and one SQLite entity
 /// polling a 3-row table, written in `env`'s directory.
 async fn sqlite_config(env: &Env, redis: &str, entity: &str) -> PathBuf {
