@@ -340,15 +340,14 @@ impl Leases {
         Ok(outcomes.pop().unwrap_or(Outcome::Lost { value: None }))
     }
 
-    /// Gives the lease `value` up (nothing if it is no longer current).
-    pub async fn release(
-        &self,
-        entity: &str,
-        keys: &EntityKeys,
-        value: &str,
-    ) -> Result<Outcome, SinkError> {
-        let mut outcomes = self.calls(&[(keys, "release", value)], entity).await?;
-        Ok(outcomes.pop().unwrap_or(Outcome::Lost { value: None }))
+    /// Gives these leases up, each its lease value, in one round trip (a
+    /// value that is no longer current is left alone).
+    async fn release(&self, releases: &[(&Arc<Claim>, String)]) -> Result<(), SinkError> {
+        let calls: Vec<_> = releases
+            .iter()
+            .map(|(c, v)| (&c.keys, "release", v.as_str()))
+            .collect();
+        self.calls(&calls, "").await.map(drop)
     }
 
     /// Registers (`beat`, holding `held` leases), leaves or lists; returns
@@ -485,11 +484,7 @@ impl Keeper {
                     .filter_map(|c| c.give_up().map(|v| (*c, v)))
                     .take(n)
                     .collect();
-                let calls: Vec<_> = releases
-                    .iter()
-                    .map(|(c, v)| (&c.keys, "release", v.as_str()))
-                    .collect();
-                self.leases.calls(&calls, "").await?;
+                self.leases.release(&releases).await?;
                 for (claim, _) in &releases {
                     tracing::info!(entity = %claim.entity, agents = live.len(), "gave up the lease on entity {} to rebalance", claim.entity);
                 }
@@ -601,11 +596,7 @@ impl Keeper {
             .iter()
             .filter_map(|c| c.give_up().map(|v| (c, v)))
             .collect();
-        let calls: Vec<_> = releases
-            .iter()
-            .map(|(c, v)| (&c.keys, "release", v.as_str()))
-            .collect();
-        let released = self.leases.calls(&calls, "").await;
+        let released = self.leases.release(&releases).await;
         let left = if self.balance {
             self.leases.agents("leave", 0).await.map(|_| ())
         } else {
