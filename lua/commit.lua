@@ -10,7 +10,8 @@
 -- most ARGV[3] per call. The caller passes the start of the next window as
 -- the database will be asked for it (W_new - lookback, floored to what the
 -- bound parameter can carry, e.g. whole seconds), or lower: no later window
--- can return what is trimmed, so nothing trimmed is emitted twice. The
+-- can return what is trimmed, so nothing trimmed is emitted twice; the
+-- highest such bound is kept as `trimmed`, below which no window starts. The
 -- caller repeats the call while it trims a full batch, so a large trim never
 -- blocks Redis for long.
 --
@@ -65,6 +66,14 @@ if below ~= '' then
     local last = math.min(first + 999, trimmed)
     redis.call('ZREM', seen, unpack(members, first, last))
     redis.call('HDEL', digests, unpack(members, first, last))
+  end
+end
+-- The highest bound ever trimmed below: no later window starts before it
+-- (src/window.rs), so nothing trimmed is read, and sent, again.
+if below ~= '' then
+  local floor = redis.call('HGET', state, 'trimmed')
+  if not floor or tonumber(below) > tonumber(floor) then
+    redis.call('HSET', state, 'trimmed', below)
   end
 end
 -- How many keys the dedup state tracks: a cycle that later finds the digest

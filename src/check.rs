@@ -19,7 +19,7 @@ use crate::agent::error_chain;
 use crate::config::{mask_url, Backend, Config, ConfigError, CursorKind, EntitySettings};
 use crate::sink::{describe, EntityKeys, Sink};
 use crate::source::placeholder::rewrite_since;
-use crate::source::{Pool, Prepared, SinceBinding, Source};
+use crate::source::{Clock, OpenTransaction, Pool, Prepared, Sessions, SinceBinding, Source};
 
 /// A clock difference above this between this machine and a database is a warning.
 const CLOCK_SKEW_WARNING: Duration = Duration::from_secs(1);
@@ -361,40 +361,61 @@ async fn check_source(config: &Config, name: &str) -> Vec<Finding> {
         }
     };
 
-    // The longest open write transaction against each entity's look-back.
-    let transaction = longest_write_transaction(&source).await;
-    match &transaction {
-        Ok(None) if source.backend == Backend::Sqlite => report.push(
-            Level::Ok,
-            format!("source {name}: open write transactions are not measured on SQLite"),
-        ),
-        Ok(None) => report.push(
-            Level::Ok,
-            format!("source {name}: no write transaction open right now"),
-        ),
-        Ok(Some(t)) => report.push(
-            Level::Ok,
-            format!(
-                "source {name}: longest open write transaction: {:.3}s ({})",
-                t.age.as_secs_f64(),
-                t.who
-            ),
-        ),
-        Err(why) => report.push(
-            Level::Warning,
-            format!("source {name}: cannot measure open write transactions: {why}"),
-        ),
-    }
+    // The oldest open transaction, read as every cycle reads it (with the
+    // clock), against each entity's look-back and max_lookback.
+    let transaction = match source.clock(true).await {
+        Ok(Clock {
+            now,
+            sessions: Sessions::Seen(oldest),
+        }) => {
+            match &oldest {
+                None => report.push(
+                    Level::Ok,
+                    format!("source {name}: no transaction open right now; windows reach back to open ones (up to max_lookback)"),
+                ),
+                Some(t) => report.push(
+                    Level::Ok,
+                    format!(
+                        "source {name}: oldest open transaction: {:.3}s ({}, user {})",
+                        age_of(t, now).as_secs_f64(),
+                        t.who,
+                        t.user
+                    ),
+                ),
+            }
+            oldest.map(|t| (age_of(&t, now), t))
+        }
+        Ok(_) if source.backend == Backend::Sqlite => {
+            report.push(
+                Level::Ok,
+                format!("source {name}: SQLite shows no other connections' transactions (it has one writer at a time): lookback must cover the longest write transaction"),
+            );
+            None
+        }
+        Ok(_) => {
+            let why = source
+                .sessions_hidden()
+                .map_or_else(|| "not asked".to_owned(), |h| h.reason);
+            report.push(
+                Level::Warning,
+                format!("source {name}: open transactions of other sessions are not visible ({why}); windows keep their fixed lookback, and a write transaction longer than it can be missed"),
+            );
+            None
+        }
+        Err(e) => {
+            report.push(
+                Level::Warning,
+                format!(
+                    "source {name}: cannot read open transactions: {}",
+                    error_chain(&e)
+                ),
+            );
+            None
+        }
+    };
 
     for entity in entities {
-        check_entity(
-            &mut report,
-            &source,
-            entity,
-            db_now,
-            transaction.as_ref().ok().and_then(Option::as_ref),
-        )
-        .await;
+        check_entity(&mut report, &source, entity, db_now, transaction.as_ref()).await;
     }
     source.close().await;
     report.findings
@@ -525,59 +546,9 @@ async fn clock_skew(source: &Source) -> Result<(i64, i64), crate::source::Source
     Ok((db_now, skew))
 }
 
-/// The oldest open transaction that writes.
-struct OpenTransaction {
-    age: Duration,
-    /// `pid 1234` / `thread 56`.
-    who: String,
-}
-
-async fn longest_write_transaction(source: &Source) -> Result<Option<OpenTransaction>, String> {
-    let work = async {
-        match source.pool() {
-            Pool::Postgres(pool) => {
-                // A transaction that wrote has an xid; now() inside it is its
-                // start, which is what its rows' cursors carry.
-                let row: Option<(i32, f64)> = sqlx::query_as(
-                    "SELECT pid, EXTRACT(EPOCH FROM (clock_timestamp() - xact_start))::float8
-                     FROM pg_stat_activity
-                     WHERE backend_xid IS NOT NULL AND xact_start IS NOT NULL
-                       AND pid <> pg_backend_pid() AND datname = current_database()
-                     ORDER BY xact_start LIMIT 1",
-                )
-                .fetch_optional(pool)
-                .await
-                .map_err(|e| e.to_string())?;
-                Ok(row.map(|(pid, seconds)| OpenTransaction {
-                    age: Duration::from_secs_f64(seconds.max(0.0)),
-                    who: format!("pid {pid}"),
-                }))
-            }
-            Pool::MySql(pool) => {
-                let row: Option<(u64, i64)> = sqlx::query_as(
-                    "SELECT trx_mysql_thread_id, TIMESTAMPDIFF(MICROSECOND, trx_started, NOW(6))
-                     FROM information_schema.innodb_trx
-                     WHERE trx_rows_modified > 0
-                     ORDER BY trx_started LIMIT 1",
-                )
-                .fetch_optional(pool)
-                .await
-                .map_err(|e| e.to_string())?;
-                Ok(row.map(|(thread, micros)| OpenTransaction {
-                    age: Duration::from_micros(micros.max(0).unsigned_abs()),
-                    who: format!("thread {thread}"),
-                }))
-            }
-            Pool::Sqlite(_) => Ok(None),
-        }
-    };
-    match tokio::time::timeout(source.timeout(), work).await {
-        Ok(result) => result,
-        Err(_) => Err(format!(
-            "no answer within {}",
-            humantime::format_duration(source.timeout())
-        )),
-    }
+/// How long a transaction has been open at `now`.
+fn age_of(t: &OpenTransaction, now: i64) -> Duration {
+    Duration::from_micros(now.saturating_sub(t.since).max(0).unsigned_abs())
 }
 
 /// An entity: its query prepares with key and cursor, its window query uses
@@ -587,7 +558,7 @@ async fn check_entity(
     source: &Source,
     entity: &EntitySettings,
     db_now: i64,
-    transaction: Option<&OpenTransaction>,
+    transaction: Option<&(Duration, OpenTransaction)>,
 ) {
     let name = &entity.name;
     let prepared = match source.prepare(entity).await {
@@ -643,28 +614,38 @@ async fn check_entity(
 
     if entity.cursor_kind == CursorKind::Time {
         let lookback = Duration::from_micros(entity.lookback.unsigned_abs());
-        if let Some(t) = transaction {
-            if t.age > lookback {
-                report.push(
-                    Level::Warning,
-                    format!(
-                        "entity {name}: a write transaction has been open on source {} for {:.3}s ({}), longer than lookback {}: rows it writes are missed if it commits after the window moved past them",
-                        entity.source,
-                        t.age.as_secs_f64(),
-                        t.who,
-                        humantime::format_duration(lookback)
-                    ),
-                );
-            } else {
-                report.push(
+        let max_lookback = Duration::from_micros(entity.max_lookback.unsigned_abs());
+        if let Some((age, t)) = transaction {
+            let seconds = age.as_secs_f64();
+            let who = format!("{}, user {}", t.who, t.user);
+            let (level, text) = if *age <= lookback {
+                (
                     Level::Ok,
                     format!(
-                        "entity {name}: lookback {} covers the longest open write transaction ({:.3}s)",
-                        humantime::format_duration(lookback),
-                        t.age.as_secs_f64()
+                        "entity {name}: lookback {} covers the oldest open transaction ({seconds:.3}s)",
+                        humantime::format_duration(lookback)
                     ),
-                );
-            }
+                )
+            } else if *age <= max_lookback && crate::window::extends(entity) {
+                (
+                    Level::Ok,
+                    format!(
+                        "entity {name}: a transaction has been open for {seconds:.3}s ({who}), longer than lookback {}: the window reaches back to it (max_lookback {})",
+                        humantime::format_duration(lookback),
+                        humantime::format_duration(max_lookback)
+                    ),
+                )
+            } else {
+                (
+                    Level::Warning,
+                    format!(
+                        "entity {name}: a transaction has been open on source {} for {seconds:.3}s ({who}), longer than max_lookback {}: rows it stamped before the window are missed if it commits",
+                        entity.source,
+                        humantime::format_duration(max_lookback)
+                    ),
+                )
+            };
+            report.push(level, text);
         }
     }
 }

@@ -18,6 +18,9 @@ use crate::schedule::Schedule;
 pub const DEFAULT_KEY_PREFIX: &str = "highwater";
 /// Default rows per call of the dedup script.
 pub const DEFAULT_CHUNK_ROWS: usize = 500;
+/// How far back an open transaction may stretch a window unless configured
+/// (never less than the entity's lookback).
+pub const DEFAULT_MAX_LOOKBACK_US: i64 = 3_600_000_000;
 /// Default approximate cap of a stream's length (`XADD MAXLEN ~`).
 pub const DEFAULT_MAX_STREAM_LENGTH: u64 = 1_000_000;
 /// Default connections per source pool.
@@ -178,6 +181,8 @@ struct RawEntity {
     cursor: String,
     /// How far each window reaches back: a duration for timestamp cursors, a count for integer ones.
     lookback: RawLookback,
+    /// How far back an open transaction may stretch the window (time cursors).
+    max_lookback: Option<String>,
     /// Cron expression, 5 or 6 fields (with seconds), evaluated in UTC.
     schedule: Option<String>,
     /// Fixed interval instead of `schedule`.
@@ -349,6 +354,10 @@ pub struct EntitySettings {
     pub cursor_kind: CursorKind,
     /// In epoch units: microseconds for time cursors, versions for integer ones.
     pub lookback: i64,
+    /// How far back an open transaction may stretch the window, microseconds
+    /// (time cursors; `lookback` itself turns the extension off). Equal to
+    /// `lookback` for version cursors.
+    pub max_lookback: i64,
     pub schedule: Schedule,
     pub stream: String,
     pub variant: String,
@@ -780,6 +789,35 @@ fn validate_entity(
         },
     };
 
+    let max_lookback = match (cursor_kind, e.max_lookback) {
+        (CursorKind::Version, None) => lookback,
+        (CursorKind::Version, Some(_)) => {
+            problems.push(format!(
+                "{field}.max_lookback: applies to time cursors only (this entity's lookback is a count of versions)"
+            ));
+            lookback
+        }
+        (CursorKind::Time, None) => lookback.max(DEFAULT_MAX_LOOKBACK_US),
+        (CursorKind::Time, Some(text)) => match humantime::parse_duration(&text) {
+            Ok(d) => {
+                let max = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+                if max < lookback {
+                    problems.push(format!(
+                        "{field}.max_lookback: {text:?} is shorter than lookback ({}); set it to lookback to turn the extension off",
+                        humantime::format_duration(Duration::from_micros(lookback.unsigned_abs()))
+                    ));
+                }
+                max.max(lookback)
+            }
+            Err(err) => {
+                problems.push(format!(
+                    "{field}.max_lookback: {text:?} is not a duration ({err}); write e.g. \"1h\""
+                ));
+                lookback
+            }
+        },
+    };
+
     let schedule = match (e.schedule, e.every) {
         (Some(expr), None) => match Schedule::cron(&expr) {
             Ok(s) => Some(s),
@@ -898,6 +936,7 @@ fn validate_entity(
         cursor: e.cursor,
         cursor_kind,
         lookback,
+        max_lookback,
         schedule: schedule?,
         variant: e.variant.unwrap_or_else(|| name.to_owned()),
         stream,

@@ -36,3 +36,5 @@ pub mod status;
 pub mod tail;
 /// Logging setup.
 pub mod telemetry;
+/// Where a window starts: the look-back, stretched back to open transactions, and what a commit may trim.
+pub mod window;

@@ -55,6 +55,17 @@ pub const LEASE_TAKEOVERS_TOTAL: &str = "highwater_lease_takeovers_total";
 /// Leases this agent lost to another agent or to expiry while it held them. Counter; label entity.
 pub const LEASES_LOST_TOTAL: &str = "highwater_leases_lost_total";
 
+/// How much earlier than `W - lookback` the last window started, because a
+/// transaction was open (0 when not extended). Gauge; label entity.
+pub const WINDOW_EXTENSION_SECONDS: &str = "highwater_window_extension_seconds";
+/// When the oldest open transaction the last cycle saw started, Unix
+/// seconds (no sample when none was open or the source shows none). Gauge; label entity.
+pub const OPEN_TRANSACTION_START_SECONDS: &str =
+    "highwater_open_transaction_start_timestamp_seconds";
+/// Transactions seen open longer than `max_lookback` (the window stopped
+/// short of their start). Counter; label entity.
+pub const LONG_TRANSACTIONS_TOTAL: &str = "highwater_long_transactions_total";
+
 /// Upper bounds of the cycle duration histogram's buckets, seconds.
 const DURATION_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -127,6 +138,11 @@ struct EntityMetrics {
     lease_held: bool,
     takeovers: u64,
     leases_lost: u64,
+    /// From the last committed cycle: the window's extension (µs) and the
+    /// oldest open transaction's start.
+    window_extension_us: i64,
+    open_transaction_since: Option<i64>,
+    long_transactions: u64,
 }
 
 /// The process's registry.
@@ -204,6 +220,9 @@ impl Metrics {
             return;
         }
         m.watermark = report.watermark;
+        m.window_extension_us = report.extension;
+        m.open_transaction_since = report.horizon.as_ref().map(|t| t.since);
+        m.long_transactions += u64::from(report.beyond_max);
         if let Some(db_now) = report.db_now {
             // The database read its clock shortly after the cycle started.
             let started_us = unix_micros(SystemTime::now())
@@ -361,7 +380,7 @@ impl Metrics {
         }
 
         type Counter = (&'static str, &'static str, fn(&EntityMetrics) -> u64);
-        let counters: [Counter; 5] = [
+        let counters: [Counter; 6] = [
             (ROWS_READ_TOTAL, "Rows the polling query returned.", |m| {
                 m.rows
             }),
@@ -384,6 +403,11 @@ impl Metrics {
                 LEASES_LOST_TOTAL,
                 "Leases this agent lost to another agent or to expiry while it held them.",
                 |m| m.leases_lost,
+            ),
+            (
+                LONG_TRANSACTIONS_TOTAL,
+                "Transactions seen open longer than max_lookback: the window stopped short of their start.",
+                |m| m.long_transactions,
             ),
         ];
         for (metric, help, value) in counters {
@@ -457,6 +481,20 @@ impl Metrics {
                     .filter(|_| time_cursor(m))
                     .map(|w| ((now_us + m.clock_offset_us - w) as f64 / 1e6).max(0.0))
             },
+        );
+        gauge(
+            &mut out,
+            WINDOW_EXTENSION_SECONDS,
+            "How much earlier than watermark - lookback the last window started, because a transaction was open.",
+            entities,
+            |m| Some(m.window_extension_us as f64 / 1e6).filter(|_| time_cursor(m)),
+        );
+        gauge(
+            &mut out,
+            OPEN_TRANSACTION_START_SECONDS,
+            "When the oldest open transaction the last cycle saw started, Unix seconds.",
+            entities,
+            |m| m.open_transaction_since.map(|t| t as f64 / 1e6),
         );
         gauge(
             &mut out,
@@ -577,6 +615,9 @@ mod tests {
             interrupted: false,
             started_at_ms: 1_700_000_000_000,
             sizes: Some((rows, rows)),
+            extension: 0,
+            horizon: None,
+            beyond_max: false,
         }
     }
 

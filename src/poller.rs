@@ -12,9 +12,9 @@ use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use crate::change::Change;
-use crate::config::{CursorKind, EntitySettings, OnStateLoss, Start};
+use crate::config::{CursorKind, EntitySettings, OnStateLoss};
 use crate::sink::{Commit, CycleFigures, LeaseRenewal, Sink, SinkError};
-use crate::source::{Prepared, RawRow, Scratch, Source, SourceError, BEGINNING};
+use crate::source::{Prepared, RawRow, Scratch, Sessions, Source, SourceError, BEGINNING};
 
 /// Why a cycle failed.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +71,9 @@ pub struct EntityMemory {
     /// This process runs one cycle only (`once`): building `confirmed`
     /// would cost 8 bytes per row for nothing.
     single_cycle: bool,
+    /// The transaction last warned about as open longer than `max_lookback`
+    /// (its identity): each is warned about once.
+    beyond_max: Option<String>,
 }
 
 impl EntityMemory {
@@ -324,6 +327,15 @@ pub struct CycleReport {
     /// Keys in the dedup set and entries in the stream after the commit
     /// (`None`: the cycle did not commit).
     pub sizes: Option<(u64, u64)>,
+    /// How much earlier than `W - lookback` the window started
+    /// (microseconds): an open transaction stretched it.
+    pub extension: i64,
+    /// The oldest open transaction the clock read saw (time cursors, where
+    /// the source shows other sessions).
+    pub horizon: Option<crate::source::OpenTransaction>,
+    /// A transaction open longer than `max_lookback` was seen for the first
+    /// time (warned about, counted).
+    pub beyond_max: bool,
 }
 
 /// Runs one cycle. `stop` turning true ends the cycle after the chunk in
@@ -395,17 +407,39 @@ pub async fn run_cycle(
             }
         }
     }
-    // The clock is read before the window's snapshot is taken: every change
-    // committed after the snapshot carries a cursor >= T0 - (transaction length).
-    let t0 = match entity.cursor_kind {
-        CursorKind::Time => Some(source.now().await?),
-        CursorKind::Version => None,
+    // The clock (and what it saw of open transactions) is read before the
+    // window's snapshot is taken: every change committed after the snapshot
+    // carries a cursor >= T0 - (transaction length), or belongs to a
+    // transaction open at T0.
+    let (t0, sessions) = match entity.cursor_kind {
+        CursorKind::Time => {
+            let clock = source.clock(crate::window::extends(entity)).await?;
+            (Some(clock.now), clock.sessions)
+        }
+        CursorKind::Version => (None, Sessions::Unseen),
     };
+    let window = crate::window::start(entity, watermark, t0, &state.window, &sessions);
     let since = if resnapshot {
         BEGINNING
     } else {
-        source.bound_since(prepared, window_start(entity, watermark, t0))
+        source.bound_since(prepared, window.since)
     };
+    let beyond_max = window
+        .beyond_max
+        .as_ref()
+        .filter(|t| memory.beyond_max.as_deref() != Some(&t.identity()));
+    if let Some(t) = beyond_max {
+        memory.beyond_max = Some(t.identity());
+        tracing::warn!(
+            entity = %entity.name,
+            source = %entity.source,
+            transaction = %t.who,
+            user = %t.user,
+            started = %crate::change::format_timestamp(t.since),
+            max_lookback = %humantime::format_duration(Duration::from_micros(entity.max_lookback.unsigned_abs())),
+            "a transaction has been open longer than max_lookback: the window stops at max_lookback, and rows it stamped earlier are missed when it commits"
+        );
+    }
 
     let mut report = CycleReport {
         entity: entity.name.clone(),
@@ -420,6 +454,9 @@ pub async fn run_cycle(
         db_now: t0,
         started_at_ms,
         sizes: None,
+        extension: if resnapshot { 0 } else { window.extension },
+        horizon: crate::window::horizon(&sessions).cloned(),
+        beyond_max: beyond_max.is_some(),
     };
     // The agent's memory of confirmed versions is valid only while nobody
     // else wrote this entity's state since this process last did.
@@ -533,11 +570,14 @@ pub async fn run_cycle(
             CursorKind::Time => t0,
             CursorKind::Version => max_epoch,
         };
-        // The next window starts at W_new - lookback as the database will
-        // be asked for it; the script's W_new is at least this one's.
-        let trim_below = watermark
-            .max(candidate)
-            .map(|w| source.bound_since(prepared, w.saturating_sub(entity.lookback)));
+        // No later window starts before this, as the database will be
+        // asked for it (src/window.rs); the script's W_new is at least this one's.
+        let trim_below = watermark.max(candidate).map(|w| {
+            source.bound_since(
+                prepared,
+                crate::window::trim_below(entity, w, t0, &sessions),
+            )
+        });
         let figures = CycleFigures {
             started_at_ms,
             duration_ms: started.elapsed().as_millis() as u64,
@@ -545,6 +585,8 @@ pub async fn run_cycle(
             emitted: report.emitted,
             skipped: report.skipped,
             db_now: t0,
+            extension: report.extension,
+            horizon: report.horizon.clone(),
         };
         let committed = sink
             .commit(
@@ -598,16 +640,5 @@ fn state_vanished(
             evidence: "its state keys vanished during a cycle".to_owned(),
         },
         OnStateLoss::Resnapshot => error.into(),
-    }
-}
-
-/// Where the window starts: `W - lookback`, or per `start` before the first commit.
-fn window_start(entity: &EntitySettings, watermark: Option<i64>, t0: Option<i64>) -> i64 {
-    match (watermark, entity.start) {
-        (Some(w), _) => w.saturating_sub(entity.lookback),
-        (None, Start::Beginning) => BEGINNING,
-        (None, Start::At(at)) => at,
-        // No clock for versions: "now" reads from the beginning.
-        (None, Start::Now) => t0.map_or(BEGINNING, |t0| t0.saturating_sub(entity.lookback)),
     }
 }

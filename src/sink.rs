@@ -264,6 +264,8 @@ pub struct StateSnapshot {
     pub writes: i64,
     /// What became of the caller's lease.
     pub lease: LeaseRenewal,
+    /// What the last commits left for the window (src/window.rs).
+    pub window: crate::window::Remembered,
 }
 
 /// The lease a cycle started with, as lua/begin.lua found it.
@@ -297,6 +299,10 @@ pub struct CycleFigures {
     /// The database's clock at cycle start, time cursors (`last_db_now`):
     /// with `last_started_at_ms` it gives `status` the clock difference.
     pub db_now: Option<i64>,
+    /// How much earlier than `W - lookback` the window started, and the
+    /// oldest open transaction seen (`horizon`, the next window reaches it).
+    pub extension: i64,
+    pub horizon: Option<crate::source::OpenTransaction>,
 }
 
 /// What a cycle commits (see [`Sink::commit`]).
@@ -441,6 +447,10 @@ impl Sink {
                 .and_then(|w| w.parse().ok())
                 .unwrap_or(0),
             lease,
+            window: crate::window::Remembered {
+                horizon: state.get("horizon").and_then(|h| h.parse().ok()),
+                trimmed: state.get("trimmed").and_then(|t| t.parse().ok()),
+            },
         })
     }
 
@@ -613,6 +623,18 @@ impl Sink {
                 if let Some(db_now) = figures.db_now {
                     invocation.arg("last_db_now").arg(db_now);
                 }
+                let horizon = figures.horizon.as_ref();
+                invocation
+                    .arg("window_extension_us")
+                    .arg(figures.extension)
+                    .arg("horizon")
+                    .arg(horizon.map(|t| t.since.to_string()).unwrap_or_default())
+                    .arg("horizon_who")
+                    .arg(
+                        horizon
+                            .map(|t| format!("{} (user {})", t.who, t.user))
+                            .unwrap_or_default(),
+                    );
             }
             let committed: Option<(Option<String>, usize, u64, u64)> = invocation
                 .invoke_async(&mut conn)

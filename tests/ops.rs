@@ -519,7 +519,7 @@ schedule = "*/5 * *"
 }
 
 #[tokio::test]
-async fn check_warns_when_a_write_transaction_outlasts_the_lookback() {
+async fn check_says_whether_the_window_reaches_back_to_an_open_transaction() {
     let env = Env::new();
     let (pg, my) = (pg().await, mysql().await);
     let (pg_t, my_t) = (unique("chk_pg_tx"), unique("chk_my_tx"));
@@ -536,11 +536,16 @@ async fn check_warns_when_a_write_transaction_outlasts_the_lookback() {
     )
     .await;
     // lookback 1ms: any write transaction open while check runs is older.
+    // The PostgreSQL entity turns the window's extension off
+    // (max_lookback = lookback); the MariaDB one keeps the default.
     let config = env.config(&format!(
         "{}{}{}{}",
         source("pg", &pg_url()),
         source("my", &mysql_url()),
-        pg_entity(&pg_t, "pg", &pg_t, "").replace("lookback = \"5m\"", "lookback = \"1ms\""),
+        pg_entity(&pg_t, "pg", &pg_t, "").replace(
+            "lookback = \"5m\"",
+            "lookback = \"1ms\"\nmax_lookback = \"1ms\""
+        ),
         mysql_entity(&my_t, "my", &my_t, "").replace("lookback = \"5m\"", "lookback = \"1ms\""),
     ));
     let mut pg_tx = pg.begin().await.unwrap();
@@ -562,25 +567,29 @@ async fn check_warns_when_a_write_transaction_outlasts_the_lookback() {
     assert_line(
         &report,
         "ok",
-        &["source pg: longest open write transaction:", "(pid "],
+        &["source pg: oldest open transaction:", "(pid ", ", user "],
     );
     assert_line(
         &report,
         "ok",
-        &["source my: longest open write transaction:", "(thread "],
+        &["source my: oldest open transaction:", "(thread ", ", user "],
     );
-    for (entity, source) in [(&pg_t, "pg"), (&my_t, "my")] {
-        assert_line(
-            &report,
-            "warning",
-            &[
-                &format!(
-                    "entity {entity}: a write transaction has been open on source {source} for"
-                ),
-                "longer than lookback 1ms",
-            ],
-        );
-    }
+    assert_line(
+        &report,
+        "warning",
+        &[
+            &format!("entity {pg_t}: a transaction has been open on source pg for"),
+            "longer than max_lookback 1ms",
+        ],
+    );
+    assert_line(
+        &report,
+        "ok",
+        &[
+            &format!("entity {my_t}: a transaction has been open for"),
+            "longer than lookback 1ms: the window reaches back to it (max_lookback 1h)",
+        ],
+    );
 }
 
 #[tokio::test]

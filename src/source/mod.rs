@@ -14,8 +14,10 @@ pub mod placeholder;
 mod postgres;
 mod row;
 mod sqlite;
+pub mod transactions;
 
 pub use row::{RawRow, Scratch};
+pub use transactions::{Clock, Hidden, OpenTransaction, Sessions};
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -280,6 +282,8 @@ pub struct Source {
     masked_url: String,
     pool: Pool,
     statements: Arc<Statements>,
+    /// Whether the server shows other sessions' transactions.
+    visibility: transactions::Visibility,
     timezone: chrono_tz::Tz,
     timeout: Duration,
 }
@@ -313,6 +317,7 @@ impl Source {
             masked_url,
             pool,
             statements,
+            visibility: transactions::Visibility::default(),
             timezone: settings.timezone,
             timeout: settings.timeout,
         })
@@ -355,6 +360,65 @@ impl Source {
             Pool::Sqlite(pool) => self.timed(sqlite::now(pool)).await,
         }?;
         result.map_err(|error| self.connect_error(error))
+    }
+
+    /// The database's clock and, with `sessions`, the oldest open
+    /// transaction of another session, read in the same statement (see
+    /// [`transactions`]). Where the server does not show other sessions (a
+    /// missing grant, a standby, SQLite) the clock comes alone, and why is
+    /// logged once.
+    pub async fn clock(&self, sessions: bool) -> Result<Clock, SourceError> {
+        let unseen = |now| Clock {
+            now,
+            sessions: Sessions::Unseen,
+        };
+        if !sessions || self.backend == Backend::Sqlite || !self.visibility.worth_asking() {
+            return Ok(unseen(self.now().await?));
+        }
+        self.probe().await?;
+        let read = match &self.pool {
+            Pool::Postgres(pool) => self.timed(postgres::clock(pool)).await?,
+            Pool::MySql(pool) => match self.timed(mysql::clock(pool)).await? {
+                Ok((now, oldest)) => Ok((now, Ok(oldest))),
+                Err(error) if mysql::is_missing_process_grant(&error) => {
+                    match self.timed(mysql::clock_and_account(pool)).await? {
+                        Ok((now, account)) => Ok((now, Err(Hidden {
+                            reason: format!("{account} lacks the PROCESS privilege: GRANT PROCESS ON *.* TO {account}"),
+                        }))),
+                        Err(error) => Err(error),
+                    }
+                }
+                Err(error) => Err(error),
+            },
+            Pool::Sqlite(_) => return Ok(unseen(self.now().await?)),
+        };
+        match read.map_err(|error| self.connect_error(error))? {
+            (now, Ok(oldest)) => {
+                if self.visibility.seen() {
+                    tracing::info!(source = %self.name, "open transactions of other sessions are visible now: windows reach back to them again");
+                }
+                Ok(Clock {
+                    now,
+                    sessions: Sessions::Seen(oldest),
+                })
+            }
+            (now, Err(hidden)) => {
+                if let Some(hidden) = self.visibility.hidden(hidden) {
+                    tracing::warn!(
+                        source = %self.name,
+                        reason = %hidden.reason,
+                        "open transactions of other sessions are not visible: windows keep their fixed lookback, and a write transaction longer than lookback can be missed"
+                    );
+                }
+                Ok(unseen(now))
+            }
+        }
+    }
+
+    /// Why this source does not show other sessions' transactions, as the
+    /// last [`Source::clock`] found (`None`: it does, or was not asked).
+    pub fn sessions_hidden(&self) -> Option<Hidden> {
+        self.visibility.reason()
     }
 
     /// The server's version string.
@@ -452,7 +516,8 @@ impl Source {
             layout,
             entity: entity.name.clone(),
             origin: entity.query_origin.clone(),
-            sql: described.sql,
+            // Marked, so that other agents' clock reads tell it from a writer.
+            sql: format!("{} {}", transactions::WINDOW_MARKER, described.sql),
             since_occurrences: described.since_occurrences,
             since,
             shape,

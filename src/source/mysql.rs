@@ -14,6 +14,7 @@ use sqlx::{Column, ConnectOptions, Executor, MySql, Row, Statement, TypeInfo, Va
 
 use super::placeholder::rewrite_since;
 use super::row::{self, FetchError, RawRow, Undecoded};
+use super::transactions::OpenTransaction;
 use super::Statements;
 use super::{
     bytes_or_text, epoch_secs, widen_f32, ColumnDecoder, Described, Prepared, SinceBinding,
@@ -45,6 +46,65 @@ pub(super) async fn now(pool: &MySqlPool) -> Result<i64, sqlx::Error> {
         .fetch_one(pool)
         .await?;
     Ok(now.and_utc().timestamp_micros())
+}
+
+/// The clock and, in the same statement, the oldest of: a transaction of
+/// another session that modified rows (from its start; `trx_started` is in
+/// the server's system time zone, whole seconds), a running statement of
+/// another session (from its start, whole seconds, rounded down), the
+/// agent's own window queries aside. Fails with "access denied" (1227)
+/// without the `PROCESS` privilege.
+pub(super) async fn clock(pool: &MySqlPool) -> Result<(i64, Option<OpenTransaction>), sqlx::Error> {
+    let (now, age, thread, user): (NaiveDateTime, Option<i64>, Option<i64>, Option<String>) =
+        sqlx::query_as(&format!(
+            "SELECT UTC_TIMESTAMP(6), o.age_us, o.id, o.user
+             FROM (SELECT 1 AS one) AS one
+             LEFT JOIN (
+                 SELECT p.ID AS id, p.USER AS user,
+                        GREATEST(
+                            IF(t.trx_rows_modified > 0,
+                               TIMESTAMPDIFF(MICROSECOND, t.trx_started,
+                                             CONVERT_TZ(UTC_TIMESTAMP(6), '+00:00', 'SYSTEM')),
+                               0),
+                            IF(p.COMMAND = 'Query' AND COALESCE(p.INFO, '') NOT LIKE '{}%',
+                               (p.TIME + 1) * 1000000, 0)) AS age_us
+                 FROM information_schema.PROCESSLIST AS p
+                 LEFT JOIN information_schema.INNODB_TRX AS t ON t.trx_mysql_thread_id = p.ID
+                 WHERE p.ID <> CONNECTION_ID()
+                 ORDER BY age_us DESC LIMIT 1
+             ) AS o ON o.age_us > 0",
+            super::transactions::WINDOW_MARKER
+        ))
+        .fetch_one(pool)
+        .await?;
+    let now = now.and_utc().timestamp_micros();
+    let oldest = age.map(|age| OpenTransaction {
+        since: now.saturating_sub(age.max(0)),
+        who: format!("thread {}", thread.unwrap_or_default()),
+        user: user.unwrap_or_default(),
+    });
+    Ok((now, oldest))
+}
+
+/// The clock, with the account the agent runs as (for a missing grant).
+pub(super) async fn clock_and_account(pool: &MySqlPool) -> Result<(i64, String), sqlx::Error> {
+    let (now, account): (NaiveDateTime, String) =
+        sqlx::query_as("SELECT UTC_TIMESTAMP(6), CURRENT_USER()")
+            .fetch_one(pool)
+            .await?;
+    // `user@host` as a GRANT names it: 'user'@'host'.
+    let account = match account.rsplit_once('@') {
+        Some((user, host)) => format!("'{user}'@'{host}'"),
+        None => account,
+    };
+    Ok((now.and_utc().timestamp_micros(), account))
+}
+
+/// The refusal of a query that needs the `PROCESS` privilege.
+pub(super) fn is_missing_process_grant(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db)
+        if db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            .is_some_and(|my| my.number() == 1227))
 }
 
 pub(super) async fn version(pool: &MySqlPool) -> Result<String, sqlx::Error> {

@@ -15,6 +15,7 @@ use sqlx::{
 
 use super::placeholder::rewrite_since;
 use super::row::{self, FetchError, RawRow, Undecoded};
+use super::transactions::{Hidden, OpenTransaction};
 use super::Statements;
 use super::{epoch_secs, widen_f32, ColumnDecoder, Described, Prepared, SinceBinding, BEGINNING};
 use crate::change::{epoch_to_naive, naive_to_epoch, Value};
@@ -49,6 +50,58 @@ pub(super) fn pool(
 pub(super) async fn now(pool: &PgPool) -> Result<i64, sqlx::Error> {
     let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
     Ok(now.timestamp_micros())
+}
+
+/// The clock and, in the same statement, the oldest client transaction of
+/// another session in this database (any, also one that only read so far:
+/// `now()` is its start whenever it writes), the agent's own window queries
+/// aside. The sessions are hidden without `pg_read_all_stats` (their
+/// `xact_start` reads NULL) and on a standby (the primary's are elsewhere).
+pub(super) async fn clock(
+    pool: &PgPool,
+) -> Result<(i64, Result<Option<OpenTransaction>, Hidden>), sqlx::Error> {
+    type Read = (
+        DateTime<Utc>,
+        bool,
+        bool,
+        String,
+        Option<DateTime<Utc>>,
+        Option<i32>,
+        Option<String>,
+    );
+    let (now, sees_all, standby, role, start, pid, user): Read = sqlx::query_as(&format!(
+        "SELECT now(), pg_has_role('pg_read_all_stats', 'USAGE'), pg_is_in_recovery(),
+                current_user::text, o.xact_start, o.pid, o.usename
+         FROM (SELECT 1) AS one
+         LEFT JOIN LATERAL (
+             SELECT xact_start, pid, usename::text AS usename FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND backend_type = 'client backend' AND xact_start IS NOT NULL
+               AND query NOT LIKE '{}%'
+             ORDER BY xact_start LIMIT 1
+         ) AS o ON true",
+        super::transactions::WINDOW_MARKER
+    ))
+    .fetch_one(pool)
+    .await?;
+    let sessions = if standby {
+        Err(Hidden {
+            reason: "the server is a standby: the primary's transactions are not visible on it; point the source at the primary".to_owned(),
+        })
+    } else if !sees_all {
+        Err(Hidden {
+            reason: format!(
+                "role {role} cannot see other roles' transactions: GRANT pg_read_all_stats TO {role}"
+            ),
+        })
+    } else {
+        Ok(start.map(|start| OpenTransaction {
+            since: start.timestamp_micros(),
+            who: format!("pid {}", pid.unwrap_or_default()),
+            user: user.unwrap_or_default(),
+        }))
+    };
+    Ok((now.timestamp_micros(), sessions))
 }
 
 pub(super) async fn version(pool: &PgPool) -> Result<String, sqlx::Error> {
