@@ -110,6 +110,30 @@ pub struct EntityStatus {
     pub last_entry_id: Option<String>,
     /// Who writes the entity now; `None` when no agent holds its lease.
     pub lease: Option<LeaseStatus>,
+    /// How far the last window reached back (time cursors).
+    pub window: Option<WindowStatus>,
+}
+
+/// The last committed cycle's window: the look-back, and how much an open
+/// transaction stretched it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WindowStatus {
+    pub lookback_seconds: f64,
+    pub max_lookback_seconds: f64,
+    /// How much earlier than `watermark - lookback` it started.
+    pub extended_by_seconds: f64,
+    /// The oldest open transaction that cycle saw: the next window reaches
+    /// back to its start.
+    pub open_transaction: Option<OpenTransactionStatus>,
+}
+
+/// An open transaction, as a cycle saw it.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenTransactionStatus {
+    /// Since when it has been open (RFC 3339).
+    pub since: String,
+    /// `pid 1234 (user app)`, `thread 56 (user app)`.
+    pub who: String,
 }
 
 /// An entity's lease: the agent that polls it.
@@ -282,6 +306,15 @@ async fn entity_status(
         dedup_keys,
         stream_length,
         last_entry_id: last.ids.first().map(|entry| entry.id.clone()),
+        window: (entity.cursor_kind == CursorKind::Time).then(|| WindowStatus {
+            lookback_seconds: entity.lookback as f64 / 1e6,
+            max_lookback_seconds: entity.max_lookback as f64 / 1e6,
+            extended_by_seconds: int(&state, "window_extension_us").unwrap_or(0) as f64 / 1e6,
+            open_transaction: int(&state, "horizon").map(|since| OpenTransactionStatus {
+                since: format_timestamp(since),
+                who: state.get("horizon_who").cloned().unwrap_or_default(),
+            }),
+        }),
         lease: lease.map(|value| {
             let (token, holder) = crate::lease::parse_value(&value);
             LeaseStatus {
@@ -342,6 +375,25 @@ pub fn render_text(status: &Status) -> String {
             (None, _) => "none yet (no cycle committed)".to_owned(),
         };
         out.push_str(&format!("  watermark     {watermark}\n"));
+        if let Some(w) = &s.window {
+            let seconds =
+                |s: f64| humantime::format_duration(Duration::from_millis((s * 1000.0) as u64));
+            let mut line = format!(
+                "lookback {} (max_lookback {})",
+                seconds(w.lookback_seconds),
+                seconds(w.max_lookback_seconds)
+            );
+            if w.extended_by_seconds > 0.0 {
+                line.push_str(&format!(", extended by {:.1}s", w.extended_by_seconds));
+            }
+            if let Some(t) = &w.open_transaction {
+                line.push_str(&format!(
+                    "; oldest open transaction since {} ({})",
+                    t.since, t.who
+                ));
+            }
+            out.push_str(&format!("  window        {line}\n"));
+        }
         let success = s.last_success.as_ref().map(|c| {
             format!(
                 "started {} ({}): {} rows read, {} emitted, {} skipped in {:.3}s",
