@@ -110,7 +110,7 @@ pub struct EntityStatus {
     pub last_entry_id: Option<String>,
     /// Who writes the entity now; `None` when no agent holds its lease.
     pub lease: Option<LeaseStatus>,
-    /// How far the last window reached back (time cursors).
+    /// How far the last committed cycle's window reached back (time cursors).
     pub window: Option<WindowStatus>,
 }
 
@@ -306,14 +306,16 @@ async fn entity_status(
         dedup_keys,
         stream_length,
         last_entry_id: last.ids.first().map(|entry| entry.id.clone()),
-        window: (entity.cursor_kind == CursorKind::Time).then(|| WindowStatus {
-            lookback_seconds: entity.lookback as f64 / 1e6,
-            max_lookback_seconds: entity.max_lookback as f64 / 1e6,
-            extended_by_seconds: int(&state, "window_extension_us").unwrap_or(0) as f64 / 1e6,
-            open_transaction: int(&state, "horizon").map(|since| OpenTransactionStatus {
-                since: format_timestamp(since),
-                who: state.get("horizon_who").cloned().unwrap_or_default(),
-            }),
+        window: (entity.cursor_kind == CursorKind::Time && watermark_epoch.is_some()).then(|| {
+            WindowStatus {
+                lookback_seconds: entity.lookback as f64 / 1e6,
+                max_lookback_seconds: entity.max_lookback as f64 / 1e6,
+                extended_by_seconds: int(&state, "window_extension_us").unwrap_or(0) as f64 / 1e6,
+                open_transaction: int(&state, "horizon").map(|since| OpenTransactionStatus {
+                    since: format_timestamp(since),
+                    who: state.get("horizon_who").cloned().unwrap_or_default(),
+                }),
+            }
         }),
         lease: lease.map(|value| {
             let (token, holder) = crate::lease::parse_value(&value);
