@@ -124,6 +124,41 @@ fn a_bad_duration_names_the_field() {
 }
 
 #[test]
+fn a_max_lookback_shorter_than_lookback_or_on_a_version_cursor_is_refused() {
+    let env = Env::new();
+    let config = orders_with(
+        &env,
+        "lookback = \"5m\"",
+        "lookback = \"5m\"\nmax_lookback = \"1m\"",
+    );
+    let error = error_of(&config);
+    assert!(
+        error.contains(r#"entities.orders.max_lookback: "1m" is shorter than lookback (5m)"#),
+        "{error}"
+    );
+    let config = orders_with(
+        &env,
+        "lookback = \"5m\"",
+        "lookback = \"5m\"\nmax_lookback = \"an hour\"",
+    );
+    let error = error_of(&config);
+    assert!(
+        error.contains(r#"entities.orders.max_lookback: "an hour" is not a duration"#),
+        "{error}"
+    );
+    let config = orders_with(
+        &env,
+        "lookback = \"5m\"",
+        "lookback = 10\nmax_lookback = \"1h\"",
+    );
+    let error = error_of(&config);
+    assert!(
+        error.contains("entities.orders.max_lookback: applies to time cursors only"),
+        "{error}"
+    );
+}
+
+#[test]
 fn an_unknown_source_names_it_and_the_configured_ones() {
     let env = Env::new();
     let config = orders_with(&env, "source = \"db\"", "source = \"warehouse\"");
