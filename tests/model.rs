@@ -1,6 +1,8 @@
 //! The model test: highwater's promise (every committed change once, in
 //! commit order per row, across crashes and restarts, as long as
-//! transactions are shorter than the look-back) measured against a
+//! transactions are shorter than the look-back, or on PostgreSQL and
+//! MariaDB than `max_lookback`: the window reaches back to the oldest open
+//! transaction) measured against a
 //! randomized, seeded workload on real PostgreSQL and MariaDB, with the real
 //! binary polling it while faults are injected: one agent, or two and three
 //! sharing the config through leases (paused past the lease, killed,
@@ -67,12 +69,14 @@ async fn every_committed_version_arrives_once_in_commit_order_on_mariadb() {
     without_faults(Backend::MariaDb).await;
 }
 
-/// A window without look-back misses transactions that commit after a
-/// cycle passed their cursor: the checker must say so.
+/// A window without look-back (and without reaching back to open
+/// transactions: `max_lookback = "0s"`) misses transactions that commit
+/// after a cycle passed their cursor: the checker must say so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checker_reports_losses_of_a_window_without_lookback() {
     let mut settings = Settings::new("broken_no_lookback", Backend::Postgres);
     settings.lookback = "0s";
+    settings.max_lookback = Some("0s");
     settings.workload.hold_probability = 0.4;
     // It never catches up: what it missed stays missed.
     settings.catch_up = Duration::from_secs(3);
@@ -85,6 +89,135 @@ async fn the_checker_reports_losses_of_a_window_without_lookback() {
         "a window without look-back must lose late commits, and the checker must count them: {}",
         report.line
     );
+}
+
+// ---------------------------------------------------------------------------
+// Transactions longer than the look-back, shorter than max_lookback.
+// ---------------------------------------------------------------------------
+
+/// The look-back of the long-transaction scenarios, in microseconds
+/// (`"1s"`): shorter than every long transaction, and than some of the
+/// usual held ones (up to 2 s).
+const SHORT_LOOKBACK_US: i64 = 1_000_000;
+
+/// A look-back of 1 s under the usual workload plus four writers of long
+/// transactions, held 2 to 4 s (on PostgreSQL half of them read first,
+/// hold, then write and commit at once: their cursor is `now()`, the
+/// transaction's start, 2 to 4 s before the commit; the other half write
+/// first and hold before the commit): some are open at every moment.
+fn long_transactions(
+    scenario: &'static str,
+    backend: Backend,
+    max_lookback: &'static str,
+) -> Settings {
+    let mut settings = Settings::new(scenario, backend);
+    settings.lookback = "1s";
+    settings.max_lookback = Some(max_lookback);
+    settings.workload.long_writers = 4;
+    settings.workload.long_hold = (Duration::from_secs(2), Duration::from_secs(4));
+    // A restarted agent takes the entity over within a second of the
+    // killed one's last renewal (not the default 10 s), so that cycles run
+    // between the kills.
+    settings.lease = Some("1s");
+    settings
+}
+
+/// Lets the writers run for `length`, reading every 100 ms how far the last
+/// committed cycle's window reached back past its look-back (the state's
+/// `window_extension_us`); returns the widest seen, or `widest` if larger.
+async fn widest_extension_over(run: &ModelRun, length: Duration, widest: i64) -> i64 {
+    let until = std::time::Instant::now() + length;
+    let mut widest = widest;
+    while std::time::Instant::now() < until {
+        let extension = run
+            .state_field("window_extension_us")
+            .await
+            .and_then(|e| e.parse::<i64>().ok())
+            .unwrap_or(0);
+        widest = widest.max(extension);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    widest
+}
+
+/// The long-transaction workload, the agent killed with kill -9 `kills`
+/// times at random moments (long transactions open all the while, some
+/// committing while no agent runs) and restarted after a while. Returns the
+/// report and the widest window extension seen.
+async fn long_transactions_killed(settings: Settings, kills: usize) -> (Report, i64) {
+    let mut run = ModelRun::new(settings).await;
+    run.start_agent(None);
+    first_cycle(&run).await;
+    let mut widest = 0;
+    for _ in 0..kills {
+        let up = run.random_ms(1000, 3000);
+        widest = widest_extension_over(&run, up, widest).await;
+        run.agent().kill9();
+        run.count_fault("kill9");
+        let down = run.random_ms(0, 2500);
+        tokio::time::sleep(down).await;
+        run.start_agent(None);
+    }
+    let last = run.random_ms(1000, 3000);
+    widest = widest_extension_over(&run, last, widest).await;
+    run.note(format!("widest_extension_ms={}", widest / 1000));
+    (run.finish(false).await, widest)
+}
+
+/// Transactions held longer than the look-back (`1s`) and well within
+/// `max_lookback` (`30s`), the agent killed again and again while they are
+/// open: the windows reach back to them, the horizon in Redis covers those
+/// that commit between two cycles or while no agent runs.
+async fn long_transactions_lose_nothing(backend: Backend) {
+    let settings = long_transactions("long_transactions", backend, "30s");
+    let (report, widest) = long_transactions_killed(settings, faults(4, 40)).await;
+    report.assert_clean();
+    assert!(
+        widest > SHORT_LOOKBACK_US,
+        "no window reached back more than the look-back past its start: the long transactions were not what the windows covered\n{}",
+        report.line
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_transactions_lose_and_duplicate_nothing_on_postgres() {
+    long_transactions_lose_nothing(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_transactions_lose_and_duplicate_nothing_on_mariadb() {
+    long_transactions_lose_nothing(Backend::MariaDb).await;
+}
+
+/// The same workload with `max_lookback` equal to the look-back (the
+/// extension off): the long transactions commit after the windows passed
+/// their cursor, and the checker must count the losses. It proves the
+/// scenario above would catch a window that does not reach back.
+async fn long_transactions_without_the_extension(backend: Backend) {
+    let mut settings = long_transactions("broken_long_transactions", backend, "1s");
+    // It never catches up: what it missed stays missed.
+    settings.catch_up = Duration::from_secs(3);
+    let (report, widest) = long_transactions_killed(settings, faults(2, 20)).await;
+    assert_eq!(
+        widest, 0,
+        "max_lookback = lookback must turn the extension off\n{}",
+        report.line
+    );
+    assert!(
+        report.counts.lost > 0,
+        "transactions held past a 1s look-back, with the window not reaching back to them, must lose changes, and the checker must count them: {}",
+        report.line
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_reports_losses_of_long_transactions_with_the_extension_off_on_postgres() {
+    long_transactions_without_the_extension(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_reports_losses_of_long_transactions_with_the_extension_off_on_mariadb() {
+    long_transactions_without_the_extension(Backend::MariaDb).await;
 }
 
 // ---------------------------------------------------------------------------

@@ -10,7 +10,9 @@
 //!   minus its duration) and end (the log line's time) in between. That
 //!   cycle read it (its window reaches back `lookback` from a watermark no
 //!   later than the commit, and every transaction is shorter than the
-//!   look-back), so it emitted it or found it already on the stream.
+//!   look-back, or the window reaches back to it: the oldest open
+//!   transaction, up to `max_lookback`), so it emitted it or found it
+//!   already on the stream.
 //!   With several agents the cycles of all of them count: a cycle is logged
 //!   as completed only when its commit went through, and with leases a
 //!   commit goes through only if every write of the cycle did (the fence

@@ -45,6 +45,10 @@ pub struct Settings {
     pub scenario: &'static str,
     pub backend: Backend,
     pub lookback: &'static str,
+    /// The entity's `max_lookback`, if set (else the agent's default, 1h):
+    /// how far back an open transaction may stretch the window; equal to
+    /// `lookback` it turns the extension off.
+    pub max_lookback: Option<&'static str>,
     pub chunk_rows: Option<usize>,
     pub on_state_loss: &'static str,
     /// The source's `timeout`.
@@ -79,6 +83,7 @@ impl Settings {
             // Longer than the longest transaction (2 s) plus 1 s of
             // DATETIME truncation, with a margin.
             lookback: "4s",
+            max_lookback: None,
             chunk_rows: None,
             on_state_loss: "fail",
             source_timeout: "5s",
@@ -221,7 +226,8 @@ impl ModelRun {
             .chunk_rows
             .unwrap_or_else(|| rng.random_range(2..=10));
 
-        let db = Db::connect(settings.backend, settings.workload.writers as u32 + 2).await;
+        let writers = settings.workload.writers + settings.workload.long_writers;
+        let db = Db::connect(settings.backend, writers as u32 + 2).await;
         let tables = Tables::create(&db, &format!("model_{}", settings.scenario)).await;
         let timings: Timings = Arc::new(Mutex::new(HashMap::new()));
         workload::preload(&db, &tables, settings.preload, &timings).await;
@@ -267,7 +273,7 @@ query = "{query}{filter}"
 key = "id"
 cursor = "updated_at"
 lookback = "{lookback}"
-every = "{every_ms}ms"
+{max_lookback}every = "{every_ms}ms"
 start = "beginning"
 chunk_rows = {chunk_rows}
 max_stream_length = 0
@@ -279,6 +285,10 @@ on_state_loss = "{on_state_loss}"
             query = tables.query(),
             filter = settings.query_filter,
             lookback = settings.lookback,
+            max_lookback = settings
+                .max_lookback
+                .map(|m| format!("max_lookback = \"{m}\"\n"))
+                .unwrap_or_default(),
             on_state_loss = settings.on_state_loss,
         );
         std::fs::write(&config, text).expect("write config");

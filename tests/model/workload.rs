@@ -4,12 +4,14 @@
 //! inserts, updates, soft deletes, bursts of updates to one row (several in
 //! one second on MariaDB's 1-second `DATETIME`), transactions held open,
 //! rows stamped slightly in the future, transactions spanning rows,
-//! rollbacks. Every write bumps the row's version column `v` (under the row
-//! lock, so per row `v` order is commit order) and copies the new row into an
-//! audit table in the same transaction: the audit table holds every committed
-//! version, nothing that rolled back. The writers also note when each commit
-//! was sent and when it returned, which bounds when a version became visible
-//! and when it was replaced.
+//! rollbacks, and where a scenario asks for them transactions held open
+//! longer than the look-back (covered only by the window's reach back to
+//! open transactions). Every write bumps the row's version column `v`
+//! (under the row lock, so per row `v` order is commit order) and copies the
+//! new row into an audit table in the same transaction: the audit table
+//! holds every committed version, nothing that rolled back. The writers
+//! also note when each commit was sent and when it returned, which bounds
+//! when a version became visible and when it was replaced.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -229,10 +231,24 @@ pub struct WorkloadSettings {
     pub hold_probability: f64,
     /// The longest a transaction stays open, BEGIN to COMMIT (held time and
     /// lock waits included): a transaction that would take longer rolls back.
-    /// Must stay below the look-back (minus 1 s of `DATETIME` truncation).
+    /// Must stay below the look-back (minus 1 s of `DATETIME` truncation)
+    /// unless the window reaches back to open transactions.
     pub transaction_max: Duration,
     /// Longest pause of a writer between two operations.
     pub pause_max: Duration,
+    /// Writer tasks besides `writers` whose every transaction is held open
+    /// *long*: for a time drawn from `long_hold`, past the look-back (only
+    /// the window's reach back to open transactions, up to `max_lookback`,
+    /// covers them). Half take their cursor early and hold before writing
+    /// (PostgreSQL: a read first, then the hold, then the writes and the
+    /// commit at once: `now()` is the transaction's start), half write first
+    /// and hold before the commit. Their budget is the hold plus
+    /// `transaction_max`. They write rows of their own mostly, so that what
+    /// they commit stays the row's state for a while (a version replaced at
+    /// once is not required on the stream).
+    pub long_writers: usize,
+    /// The shortest and longest hold of a long transaction.
+    pub long_hold: (Duration, Duration),
 }
 
 impl Default for WorkloadSettings {
@@ -243,6 +259,8 @@ impl Default for WorkloadSettings {
             hold_probability: 0.15,
             transaction_max: Duration::from_millis(2000),
             pause_max: Duration::from_millis(25),
+            long_writers: 0,
+            long_hold: (Duration::ZERO, Duration::ZERO),
         }
     }
 }
@@ -257,14 +275,20 @@ pub struct WriterCounts {
     pub aborted: AtomicU64,
     pub bursts: AtomicU64,
     pub future: AtomicU64,
+    /// Long transactions that committed (read first and held before
+    /// writing, or wrote first and held before committing).
+    pub long_read_first: AtomicU64,
+    pub long_write_first: AtomicU64,
 }
 
 impl WriterCounts {
     pub fn summary(&self) -> String {
         format!(
-            "txs={} held={} rolled_back={} aborted={} bursts={} future_stamped={}",
+            "txs={} held={} long_read_first={} long_write_first={} rolled_back={} aborted={} bursts={} future_stamped={}",
             self.committed.load(Ordering::Relaxed),
             self.held.load(Ordering::Relaxed),
+            self.long_read_first.load(Ordering::Relaxed),
+            self.long_write_first.load(Ordering::Relaxed),
             self.rolled_back.load(Ordering::Relaxed),
             self.aborted.load(Ordering::Relaxed),
             self.bursts.load(Ordering::Relaxed),
@@ -384,12 +408,18 @@ impl Workload {
             counts: Arc::clone(&counts),
         });
         let stop = Arc::new(AtomicBool::new(false));
-        let tasks = (0..shared.settings.writers)
+        let writers = shared.settings.writers;
+        let tasks = (0..writers + shared.settings.long_writers)
             .map(|i| {
                 let rng = StdRng::seed_from_u64(
                     seed ^ (0x9e37_79b9_7f4a_7c15u64.wrapping_mul(i as u64 + 1)),
                 );
-                tokio::spawn(writer(Arc::clone(&shared), Arc::clone(&stop), rng))
+                let (shared, stop) = (Arc::clone(&shared), Arc::clone(&stop));
+                if i < writers {
+                    tokio::spawn(writer(shared, stop, rng))
+                } else {
+                    tokio::spawn(long_writer(shared, stop, rng))
+                }
             })
             .collect();
         Workload {
@@ -431,7 +461,7 @@ async fn writer(shared: Arc<Shared>, stop: Arc<AtomicBool>, mut rng: StdRng) {
                 name: name(&mut rng),
                 future_ms: future_ms(&mut rng, &shared),
             };
-            if transact(&shared, &mut rng, vec![write], true).await {
+            if transact(&shared, &mut rng, vec![write], true, false).await {
                 shared.keys.lock().unwrap().push(id);
             }
         } else if roll < 0.3 {
@@ -440,7 +470,7 @@ async fn writer(shared: Arc<Shared>, stop: Arc<AtomicBool>, mut rng: StdRng) {
             let id = pick_key(&shared, &mut rng);
             for _ in 0..rng.random_range(3..=8) {
                 let write = update(&shared, &mut rng, id);
-                transact(&shared, &mut rng, vec![write], false).await;
+                transact(&shared, &mut rng, vec![write], false, false).await;
             }
         } else if roll < 0.4 {
             // Several rows in one transaction, locked in id order (no deadlocks).
@@ -453,11 +483,50 @@ async fn writer(shared: Arc<Shared>, stop: Arc<AtomicBool>, mut rng: StdRng) {
                 .iter()
                 .map(|&id| update(&shared, &mut rng, id))
                 .collect();
-            transact(&shared, &mut rng, writes, true).await;
+            transact(&shared, &mut rng, writes, true, false).await;
         } else {
             let id = pick_key(&shared, &mut rng);
             let write = update(&shared, &mut rng, id);
-            transact(&shared, &mut rng, vec![write], true).await;
+            transact(&shared, &mut rng, vec![write], true, false).await;
+        }
+        let pause = rng.random_range(0..=settings.pause_max.as_millis() as u64);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+}
+
+/// Rows of its own each writer of long transactions inserts first.
+const LONG_WRITER_ROWS: usize = 3;
+
+/// A writer of long transactions (see [`WorkloadSettings::long_writers`]):
+/// it inserts [`LONG_WRITER_ROWS`] rows of its own, which no other writer
+/// touches (so that a version it commits stays the row's state until its
+/// next transaction on the row, seconds later: the checker requires it on
+/// the stream), then updates one of them, or one in four times a row of the
+/// other writers picked uniformly.
+async fn long_writer(shared: Arc<Shared>, stop: Arc<AtomicBool>, mut rng: StdRng) {
+    let settings = shared.settings.clone();
+    let mut own: Vec<i64> = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        if own.len() < LONG_WRITER_ROWS {
+            let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
+            let write = Write::Insert {
+                id,
+                name: name(&mut rng),
+                future_ms: future_ms(&mut rng, &shared),
+            };
+            if transact(&shared, &mut rng, vec![write], true, true).await {
+                own.push(id);
+            }
+        } else {
+            let shared_row = rng.random_bool(0.25).then(|| {
+                let keys = shared.keys.lock().unwrap();
+                (!keys.is_empty()).then(|| keys[rng.random_range(0..keys.len())])
+            });
+            let id = shared_row
+                .flatten()
+                .unwrap_or_else(|| own[rng.random_range(0..own.len())]);
+            let write = update(&shared, &mut rng, id);
+            transact(&shared, &mut rng, vec![write], true, true).await;
         }
         let pause = rng.random_range(0..=settings.pause_max.as_millis() as u64);
         tokio::time::sleep(Duration::from_millis(pause)).await;
@@ -497,13 +566,60 @@ fn update(shared: &Shared, rng: &mut StdRng, id: i64) -> Write {
     }
 }
 
-/// Runs one transaction: BEGIN, maybe wait, the writes (each with its audit
-/// row), maybe wait, COMMIT (or ROLLBACK). Records the commit's timing for
-/// each version written. Returns whether it committed.
-async fn transact(shared: &Shared, rng: &mut StdRng, writes: Vec<Write>, may_hold: bool) -> bool {
+/// The shape of a long transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Long {
+    /// A read, the hold, then the writes and the commit.
+    ReadFirst,
+    /// The writes, then the hold, then the commit.
+    WriteFirst,
+}
+
+/// How a transaction spends its time.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    hold_before: Duration,
+    hold_after: Duration,
+    /// A read of the table before the hold (the transaction's first
+    /// statement after its settings).
+    read_first: bool,
+    rollback: bool,
+    began: Instant,
+    /// BEGIN to COMMIT at most, else it rolls back.
+    budget: Duration,
+}
+
+/// Runs one transaction: BEGIN, maybe a read, maybe wait, the writes (each
+/// with its audit row), maybe wait, COMMIT (or ROLLBACK). `long`: held for a
+/// time drawn from `long_hold`, in one of the two shapes. Records the
+/// commit's timing for each version written. Returns whether it committed.
+async fn transact(
+    shared: &Shared,
+    rng: &mut StdRng,
+    writes: Vec<Write>,
+    may_hold: bool,
+    long: bool,
+) -> bool {
     let settings = &shared.settings;
     let max_ms = settings.transaction_max.as_millis() as u64;
-    let (hold_before, hold_after) = if may_hold && rng.random_bool(settings.hold_probability) {
+    let long = long.then(|| {
+        let (shortest, longest) = settings.long_hold;
+        let hold = Duration::from_millis(
+            rng.random_range(shortest.as_millis() as u64..=longest.as_millis() as u64),
+        );
+        let shape = if rng.random_bool(0.5) {
+            Long::ReadFirst
+        } else {
+            Long::WriteFirst
+        };
+        (shape, hold)
+    });
+    let (hold_before, hold_after) = if let Some((shape, hold)) = long {
+        match shape {
+            Long::ReadFirst => (hold, Duration::ZERO),
+            Long::WriteFirst => (Duration::ZERO, hold),
+        }
+    } else if may_hold && rng.random_bool(settings.hold_probability) {
         shared.counts.held.fetch_add(1, Ordering::Relaxed);
         // The held time takes up to 70 % of the budget; lock waits the rest.
         let total = rng.random_range(0..=max_ms * 7 / 10);
@@ -516,38 +632,28 @@ async fn transact(shared: &Shared, rng: &mut StdRng, writes: Vec<Write>, may_hol
         (Duration::ZERO, Duration::ZERO)
     };
     let rollback = rng.random_bool(0.05);
-    let began = Instant::now();
+    let plan = Plan {
+        hold_before,
+        hold_after,
+        read_first: long.is_some_and(|(shape, _)| shape == Long::ReadFirst),
+        rollback,
+        began: Instant::now(),
+        budget: settings.transaction_max + long.map_or(Duration::ZERO, |(_, hold)| hold),
+    };
     let outcome = match &shared.db {
-        Db::Pg(pool) => {
-            pg_transaction(
-                pool,
-                &shared.tables,
-                &writes,
-                hold_before,
-                hold_after,
-                rollback,
-                began,
-                settings.transaction_max,
-            )
-            .await
-        }
-        Db::My(pool) => {
-            my_transaction(
-                pool,
-                &shared.tables,
-                &writes,
-                hold_before,
-                hold_after,
-                rollback,
-                began,
-                settings.transaction_max,
-            )
-            .await
-        }
+        Db::Pg(pool) => pg_transaction(pool, &shared.tables, &writes, plan).await,
+        Db::My(pool) => my_transaction(pool, &shared.tables, &writes, plan).await,
     };
     match outcome {
         Ok(Some((versions, timing))) => {
             shared.counts.committed.fetch_add(1, Ordering::Relaxed);
+            if let Some((shape, _)) = long {
+                let count = match shape {
+                    Long::ReadFirst => &shared.counts.long_read_first,
+                    Long::WriteFirst => &shared.counts.long_write_first,
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+            }
             let mut timings = shared.timings.lock().unwrap();
             for (id, v) in versions {
                 timings.insert((id, v), timing);
@@ -579,16 +685,11 @@ impl std::fmt::Display for TooLong {
 
 impl std::error::Error for TooLong {}
 
-#[allow(clippy::too_many_arguments)]
 async fn pg_transaction(
     pool: &sqlx::PgPool,
     tables: &Tables,
     writes: &[Write],
-    hold_before: Duration,
-    hold_after: Duration,
-    rollback: bool,
-    began: Instant,
-    budget: Duration,
+    plan: Plan,
 ) -> Result<Committed, Box<dyn std::error::Error + Send + Sync>> {
     let (t, a) = (&tables.table, &tables.audit);
     // PostgreSQL's now() is the transaction's start: the cursor is stamped at BEGIN.
@@ -596,7 +697,14 @@ async fn pg_transaction(
     sqlx::query("SET LOCAL lock_timeout = '500ms'")
         .execute(&mut *tx)
         .await?;
-    tokio::time::sleep(hold_before).await;
+    if plan.read_first {
+        // The writes to come stamp this transaction's start, long before
+        // they commit.
+        sqlx::query(&format!("SELECT count(*) FROM {t}"))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tokio::time::sleep(plan.hold_before).await;
     let mut versions = Vec::new();
     for write in writes {
         let v: i64 = match write {
@@ -639,12 +747,12 @@ async fn pg_transaction(
         };
         versions.push((write_id(write), v));
     }
-    tokio::time::sleep(hold_after).await;
-    if rollback {
+    tokio::time::sleep(plan.hold_after).await;
+    if plan.rollback {
         tx.rollback().await?;
         return Ok(None);
     }
-    if began.elapsed() >= budget {
+    if plan.began.elapsed() >= plan.budget {
         tx.rollback().await?;
         return Err(Box::new(TooLong));
     }
@@ -654,23 +762,25 @@ async fn pg_transaction(
     Ok(Some((versions, CommitTiming { sent, done })))
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn my_transaction(
     pool: &sqlx::MySqlPool,
     tables: &Tables,
     writes: &[Write],
-    hold_before: Duration,
-    hold_after: Duration,
-    rollback: bool,
-    began: Instant,
-    budget: Duration,
+    plan: Plan,
 ) -> Result<Committed, Box<dyn std::error::Error + Send + Sync>> {
     let (t, a) = (&tables.table, &tables.audit);
     let mut tx = pool.begin().await?;
     sqlx::query("SET SESSION innodb_lock_wait_timeout = 1")
         .execute(&mut *tx)
         .await?;
-    tokio::time::sleep(hold_before).await;
+    if plan.read_first {
+        // Opens InnoDB's read view; the writes after the hold stamp their
+        // own statements' time.
+        sqlx::query(&format!("SELECT COUNT(*) FROM {t}"))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tokio::time::sleep(plan.hold_before).await;
     let mut versions = Vec::new();
     for write in writes {
         // MariaDB's NOW() is the statement's start, in whole seconds here.
@@ -722,12 +832,12 @@ async fn my_transaction(
             .await?;
         versions.push((id, v));
     }
-    tokio::time::sleep(hold_after).await;
-    if rollback {
+    tokio::time::sleep(plan.hold_after).await;
+    if plan.rollback {
         tx.rollback().await?;
         return Ok(None);
     }
-    if began.elapsed() >= budget {
+    if plan.began.elapsed() >= plan.budget {
         tx.rollback().await?;
         return Err(Box::new(TooLong));
     }
