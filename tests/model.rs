@@ -225,7 +225,11 @@ async fn the_checker_reports_losses_of_long_transactions_with_the_extension_off_
 // ---------------------------------------------------------------------------
 
 async fn killed_agents(backend: Backend) {
-    let mut run = ModelRun::new(Settings::new("kill9", backend)).await;
+    let mut settings = Settings::new("kill9", backend);
+    // A restarted agent takes the entity over at once, not after the
+    // killed one's lease (10 s by default) expired: every restart polls.
+    settings.lease = Some("1s");
+    let mut run = ModelRun::new(settings).await;
     let total = faults(9, 100);
     for i in 0..total {
         match i % 3 {
