@@ -190,9 +190,15 @@ const LEASE_POLL: Duration = Duration::from_millis(250);
 ///
 /// A query that cannot work (missing columns, a syntax error) stops the
 /// start; a database or Redis that is down does not: cycles retry.
+///
+/// Under systemd (`NOTIFY_SOCKET`), READY=1 goes once Redis answered and
+/// every query was checked or found its database down; the loop that waits
+/// for shutdown feeds the watchdog (see [`crate::systemd`]).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     let (stop_tx, stop) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
+    let notifier = crate::systemd::Notifier::from_env();
+    notifier.status("connecting to Redis");
 
     let metrics = crate::metrics::global();
     for entity in config.entities.values() {
@@ -235,17 +241,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
 
     let sink = tokio::select! {
-        sink = connect_with_retry(&config, stop.clone()) => match sink {
+        sink = connect_with_retry(&config, &notifier, stop.clone()) => match sink {
             Some(sink) => sink,
             None => return Ok(()),
         },
-        () = &mut shutdown => return Ok(()),
+        () = &mut shutdown => {
+            notifier.stopping("shut down before Redis answered");
+            return Ok(());
+        }
     };
     let sources = sources(&config)?;
 
     // Check every query before polling: a broken one is a config error.
     let mut prepared = BTreeMap::new();
     for entity in config.entities.values() {
+        // A database that does not answer takes up to its timeout to say so.
+        let timeout = config.sources[&entity.source].timeout;
+        notifier.starting(
+            timeout + START_MARGIN,
+            &format!("checking the query of entity {}", entity.name),
+        );
         match sources[&entity.source].prepare(entity).await {
             Ok(p) => {
                 prepared.insert(entity.name.clone(), p);
@@ -308,14 +323,58 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tracing::info!(entities = tasks.len(), agent = %leases.agent(), lease = ?leases.lease(), "polling");
 
     drop(fatal_tx);
-    let outcome = tokio::select! {
-        () = &mut shutdown => {
-            tracing::info!("shutting down: finishing the chunks in flight");
-            Ok(())
-        }
-        Some(error) = fatal.recv() => {
-            tracing::error!(error = %error_chain(&error), "stopping the agent");
-            Err(error)
+    let names: Vec<&str> = config.entities.keys().map(String::as_str).collect();
+    let mut said = polling_status(leases.agent(), &names, &pause);
+    notifier.ready(&said);
+    // The scheduler's own loop: it waits for shutdown, feeds the watchdog and
+    // keeps the STATUS line current. A watchdog tick comes only from here,
+    // so a runtime too blocked to run this loop stops feeding it; and it stops
+    // when a task that should run until shutdown has ended (a panic), so that
+    // systemd restarts the agent rather than leaving an entity unpolled.
+    let mut watchdog = tokio::time::interval(notifier.watchdog_period().unwrap_or(STATUS_EVERY));
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut dead: Option<String> = None;
+    let outcome = loop {
+        tokio::select! {
+            () = &mut shutdown => {
+                notifier.stopping("shutting down: finishing the chunks in flight");
+                tracing::info!("shutting down: finishing the chunks in flight");
+                break Ok(());
+            }
+            Some(error) = fatal.recv() => {
+                let error_text = error_chain(&error);
+                notifier.stopping(&format!("stopping: {error_text}"));
+                tracing::error!(error = %error_text, "stopping the agent");
+                break Err(error);
+            }
+            _ = watchdog.tick(), if notifier.enabled() => {
+                let ended = tasks
+                    .iter()
+                    .zip(&names)
+                    .find(|(task, _)| task.is_finished())
+                    .map(|(_, name)| format!("the polling task of entity {name}"))
+                    .or_else(|| {
+                        keeper
+                            .as_ref()
+                            .filter(|k| k.is_finished())
+                            .map(|_| "the lease keeper".to_owned())
+                    });
+                match (ended, &dead) {
+                    (None, _) => notifier.feed_watchdog(),
+                    (Some(what), None) => {
+                        let why = format!("{what} ended before shutdown; no longer feeding the watchdog");
+                        tracing::error!("{why}");
+                        notifier.status(&why);
+                        dead = Some(why);
+                    }
+                    (Some(_), Some(_)) => {}
+                }
+                let now = polling_status(leases.agent(), &names, &pause);
+                if dead.is_none() && now != said {
+                    notifier.status(&now);
+                    said = now;
+                }
+            }
         }
     };
     let _ = stop_tx.send(true);
@@ -338,6 +397,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         source.close().await;
     }
     outcome
+}
+
+/// How often the STATUS line is brought up to date without a watchdog.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+
+/// Added to each step's own timeout in EXTEND_TIMEOUT_USEC while starting.
+const START_MARGIN: Duration = Duration::from_secs(10);
+
+/// The STATUS line while polling: leases held, or why polling is paused.
+fn polling_status(
+    agent: &str,
+    entities: &[&str],
+    pause: &watch::Receiver<Option<String>>,
+) -> String {
+    if let Some(why) = pause.borrow().as_deref() {
+        return format!("paused: {why}");
+    }
+    let metrics = crate::metrics::global();
+    let held = entities.iter().filter(|e| metrics.lease_held(e)).count();
+    format!(
+        "polling as agent {agent}: {held} of {} entities held by this agent",
+        entities.len()
+    )
 }
 
 /// How often the memory watch reads `INFO memory`.
@@ -381,7 +463,12 @@ fn spawn_memory_watch(
 }
 
 /// Connects to Redis, retrying with backoff; `None` when stopped first.
-async fn connect_with_retry(config: &Config, mut stop: watch::Receiver<bool>) -> Option<Sink> {
+/// Each retry tells systemd the start goes on (and why it takes so long).
+async fn connect_with_retry(
+    config: &Config,
+    notifier: &crate::systemd::Notifier,
+    mut stop: watch::Receiver<bool>,
+) -> Option<Sink> {
     let mut failures = 0;
     loop {
         match Sink::connect(&config.redis).await {
@@ -390,7 +477,15 @@ async fn connect_with_retry(config: &Config, mut stop: watch::Receiver<bool>) ->
                 failures += 1;
                 crate::metrics::global().record_redis_connection_error();
                 let wait = backoff(failures);
-                tracing::error!(error = %error_chain(&e), retry_in = ?wait, "redis unreachable");
+                let error = error_chain(&e);
+                notifier.starting(
+                    wait + config.redis.timeout + START_MARGIN,
+                    &format!(
+                        "waiting for Redis ({failures} attempts failed, next in {:.1}s): {error}",
+                        wait.as_secs_f64()
+                    ),
+                );
+                tracing::error!(error = %error, retry_in = ?wait, "redis unreachable");
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
                     _ = stop.changed() => return None,

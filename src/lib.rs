@@ -32,6 +32,8 @@ pub mod sink;
 pub mod source;
 /// `status` and `wait`: what the agent left in Redis.
 pub mod status;
+/// systemd's `Type=notify`: READY once up, STATUS lines, the watchdog, STOPPING.
+pub mod systemd;
 /// Reading streams back: decode, format and follow entries (`XREAD BLOCK`).
 pub mod tail;
 /// Logging setup.
