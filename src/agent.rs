@@ -336,6 +336,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut dead: Option<String> = None;
     let outcome = loop {
         tokio::select! {
+            // Shutdown and a fatal error first: a task that ended with a
+            // fatal error sent it before it ended.
+            biased;
             () = &mut shutdown => {
                 notifier.stopping("shutting down: finishing the chunks in flight");
                 tracing::info!("shutting down: finishing the chunks in flight");
@@ -348,18 +351,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 break Err(error);
             }
             _ = watchdog.tick(), if notifier.enabled() => {
-                let ended = tasks
-                    .iter()
-                    .zip(&names)
-                    .find(|(task, _)| task.is_finished())
-                    .map(|(_, name)| format!("the polling task of entity {name}"))
-                    .or_else(|| {
-                        keeper
-                            .as_ref()
-                            .filter(|k| k.is_finished())
-                            .map(|_| "the lease keeper".to_owned())
-                    });
-                match (ended, &dead) {
+                match (ended_early(&tasks, &names, keeper.as_ref()), &dead) {
                     (None, _) => notifier.feed_watchdog(),
                     (Some(what), None) => {
                         let why = format!("{what} ended before shutdown; no longer feeding the watchdog");
@@ -404,6 +396,21 @@ const STATUS_EVERY: Duration = Duration::from_secs(5);
 
 /// Added to each step's own timeout in EXTEND_TIMEOUT_USEC while starting.
 const START_MARGIN: Duration = Duration::from_secs(10);
+
+/// Which task that should run until shutdown has ended (it panicked): an
+/// entity's polling loop or the lease keeper.
+fn ended_early<T, K>(
+    tasks: &[tokio::task::JoinHandle<T>],
+    names: &[&str],
+    keeper: Option<&tokio::task::JoinHandle<K>>,
+) -> Option<String> {
+    if let Some((_, name)) = tasks.iter().zip(names).find(|(t, _)| t.is_finished()) {
+        return Some(format!("the polling task of entity {name}"));
+    }
+    keeper
+        .filter(|k| k.is_finished())
+        .map(|_| "the lease keeper".to_owned())
+}
 
 /// The STATUS line while polling: leases held, or why polling is paused.
 fn polling_status(
