@@ -444,7 +444,8 @@ fn spawn_memory_watch(
     let (tx, rx) = watch::channel(None);
     tokio::spawn(async move {
         loop {
-            let reason = match sink.memory_ratio().await {
+            let ratio = sink.memory_ratio().await;
+            let reason = match ratio {
                 Ok(Some(ratio)) if ratio > threshold => Some(format!(
                     "redis memory at {:.0}% of maxmemory, above pause_at_memory = {:.0}%: waiting for consumers to trim streams",
                     ratio * 100.0,
@@ -453,6 +454,7 @@ fn spawn_memory_watch(
                 // Unknown (Redis unreachable): the cycles find out and back off.
                 _ => None,
             };
+            crate::metrics::global().record_memory(ratio.ok().flatten(), reason.is_some());
             if *tx.borrow() != reason {
                 match &reason {
                     Some(why) => tracing::warn!(reason = %why, "polling paused"),

@@ -66,6 +66,13 @@ pub const OPEN_TRANSACTION_START_SECONDS: &str =
 /// short of their start). Counter; label entity.
 pub const LONG_TRANSACTIONS_TOTAL: &str = "highwater_long_transactions_total";
 
+/// 1 while polling is paused because Redis memory is above
+/// `pause_at_memory`, else 0. Gauge.
+pub const POLLING_PAUSED: &str = "highwater_polling_paused";
+/// Redis `used_memory / maxmemory`, as the memory watch last read it (no
+/// sample without `maxmemory`). Gauge.
+pub const REDIS_MEMORY_RATIO: &str = "highwater_redis_memory_ratio";
+
 /// Upper bounds of the cycle duration histogram's buckets, seconds.
 const DURATION_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -116,6 +123,9 @@ struct Registry {
     agent: Option<String>,
     /// When the lease keeper last heard from Redis.
     leases_checked: Option<Instant>,
+    /// The memory watch's last reading: paused, and the ratio.
+    paused: bool,
+    memory_ratio: Option<f64>,
 }
 
 #[derive(Default)]
@@ -254,6 +264,14 @@ impl Metrics {
     /// Records a failed attempt to connect to Redis.
     pub fn record_redis_connection_error(&self) {
         self.registry().redis_connection_errors += 1;
+    }
+
+    /// Records the memory watch's reading: Redis's memory ratio (`None`:
+    /// no `maxmemory`, or unknown) and whether polling is paused.
+    pub fn record_memory(&self, ratio: Option<f64>, paused: bool) {
+        let mut registry = self.registry();
+        registry.memory_ratio = ratio;
+        registry.paused = paused;
     }
 
     /// Records the sizes of an entity's dedup set and stream.
@@ -544,6 +562,22 @@ impl Metrics {
                 "{SOURCE_CONNECTION_ERRORS_TOTAL}{{source=\"{}\"}} {n}",
                 escape(source)
             );
+        }
+        header(
+            &mut out,
+            POLLING_PAUSED,
+            "gauge",
+            "1 while polling is paused because Redis memory is above pause_at_memory.",
+        );
+        let _ = writeln!(out, "{POLLING_PAUSED} {}", u8::from(registry.paused));
+        header(
+            &mut out,
+            REDIS_MEMORY_RATIO,
+            "gauge",
+            "Redis used_memory / maxmemory, as last read (no sample without maxmemory).",
+        );
+        if let Some(ratio) = registry.memory_ratio {
+            let _ = writeln!(out, "{REDIS_MEMORY_RATIO} {ratio}");
         }
         header(
             &mut out,

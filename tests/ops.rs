@@ -1025,6 +1025,49 @@ async fn wait_times_out_non_zero_when_no_agent_runs() {
 // ---------------------------------------------------------------------------
 
 #[tokio::test]
+async fn metrics_say_when_polling_pauses_for_redis_memory() {
+    // maxmemory 8 MB holds a fresh Redis at ~10 %: above a pause_at_memory
+    // of 5 %, the agent pauses from the start.
+    let redis = PrivateRedis::start(&["--maxmemory", "8mb"]).await;
+    let env = Env::new();
+    let pool = pg().await;
+    let table = unique("paused");
+    pg_table(&pool, &table, true).await;
+    pg_exec(
+        &pool,
+        &format!("INSERT INTO {table} (id, name) VALUES (1, 'a')"),
+    )
+    .await;
+    let port = free_port();
+    let config = env.file(
+        "paused.toml",
+        &format!(
+            "[redis]\nurl = \"{}\"\nkey_prefix = \"{}\"\npause_at_memory = 0.05\n\n[http]\nlisten = \"127.0.0.1:{port}\"\n{}{}",
+            redis.url(),
+            env.prefix,
+            source("db", &pg_url()),
+            pg_entity(&table, "db", &table, "start = \"beginning\"")
+        ),
+    );
+    let _agent = Agent::start(&config);
+    let (_, body) = http_until(port, "/metrics", "the pause", |_, body| {
+        samples(body).get("highwater_polling_paused").copied() == Some(1.0)
+    })
+    .await;
+    let ratio = samples(&body)["highwater_redis_memory_ratio"];
+    assert!(ratio > 0.05 && ratio < 1.0, "used / maxmemory: {ratio}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, body) = http_get(port, "/metrics").unwrap();
+    let m = samples(&body);
+    assert_eq!(m["highwater_polling_paused"], 1.0);
+    assert_eq!(
+        m[&format!("highwater_cycles_total{{entity=\"{table}\",outcome=\"ok\"}}")],
+        0.0,
+        "no cycle while paused"
+    );
+}
+
+#[tokio::test]
 async fn run_serves_prometheus_metrics_and_a_healthy_healthz() {
     let env = Env::new();
     let pool = pg().await;
@@ -1073,6 +1116,7 @@ async fn run_serves_prometheus_metrics_and_a_healthy_healthz() {
         m["highwater_source_connection_errors_total{source=\"db\"}"],
         0.0
     );
+    assert_eq!(m["highwater_polling_paused"], 0.0, "not paused");
     for name in [
         "highwater_cycles_total",
         "highwater_rows_read_total",
