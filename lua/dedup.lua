@@ -76,12 +76,17 @@ local pkeys = {}
 for r = 1, rows do
   pkeys[r] = ARGV[first_row + (r - 1) * 5]
 end
-local stored = {}
-for from = 1, rows, slice do
-  local to = math.min(from + slice - 1, rows)
-  local got = redis.call('HMGET', digests, unpack(pkeys, from, to))
-  for j = 1, #got do
-    stored[from + j - 1] = got[j]
+local stored
+if rows <= slice then
+  stored = rows > 0 and redis.call('HMGET', digests, unpack(pkeys)) or {}
+else
+  stored = {}
+  for from = 1, rows, slice do
+    local to = math.min(from + slice - 1, rows)
+    local got = redis.call('HMGET', digests, unpack(pkeys, from, to))
+    for j = 1, #got do
+      stored[from + j - 1] = got[j]
+    end
   end
 end
 

@@ -815,14 +815,14 @@ mod tests {
         };
         assert!(!failed.is_transient());
 
-        // Redis 7.0 names only the script and the line: line 91 of dedup.lua calls XADD.
+        // Redis 7.0 names only the script and the line: line 96 of dedup.lua calls XADD.
         let sha = Script::new(DEDUP_LUA).get_hash().to_owned();
         let in_script = refused(
             "ERR",
-            &format!("The user executing the script can't run this command or subcommand script: {sha}, on @user_script:91."),
+            &format!("The user executing the script can't run this command or subcommand script: {sha}, on @user_script:96."),
         );
         assert!(describe(&in_script).starts_with(
-            "redis refused the command XADD at lua/dedup.lua line 91 (The user executing the script"
+            "redis refused the command XADD at lua/dedup.lua line 96 (The user executing the script"
         ));
         // Redis 7.2 names the command too.
         let newer = refused(
