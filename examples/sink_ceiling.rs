@@ -49,9 +49,10 @@ struct Args {
     /// `updated_at` of the row with id 0, microseconds since 1970 (the table's `base`).
     #[arg(long)]
     base_epoch_us: i64,
-    /// How many times each chunk size is tried (its best time counts), so a
-    /// burst of load from elsewhere does not pick the chunk size.
-    #[arg(long, default_value_t = 2)]
+    /// How many times the dedup script and the XADD-only script are fed all
+    /// rows at the best chunk size, alternated (the best of each counts), so
+    /// that a burst of load from elsewhere falls on both alike.
+    #[arg(long, default_value_t = 3)]
     rounds: u32,
     /// Chunk sizes to try.
     #[arg(
@@ -385,34 +386,47 @@ async fn main() -> ExitCode {
         eprintln!("error: cannot load the XADD-only script: {e}");
         return ExitCode::FAILURE;
     }
-    let mut figures = Vec::new();
-    for script in [Script::Dedup, Script::XaddOnly(sha)] {
-        match feed(
-            &sink,
-            &base,
-            &mut settings,
-            chunk,
-            args.rows,
-            &mut rows,
-            script,
-        )
-        .await
+    // Alternated, the best of `rounds` each: the machine's load drifts.
+    let mut best_of: [Option<(f64, Duration)>; 2] = [None, None];
+    for _ in 0..args.rounds.max(1) {
+        for (slot, script) in [Script::Dedup, Script::XaddOnly(sha)]
+            .into_iter()
+            .enumerate()
         {
-            Ok(spent) => figures.push((rate(args.rows, spent), spent)),
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
+            match feed(
+                &sink,
+                &base,
+                &mut settings,
+                chunk,
+                args.rows,
+                &mut rows,
+                script,
+            )
+            .await
+            {
+                Ok(spent) => {
+                    let r = rate(args.rows, spent);
+                    if best_of[slot].is_none_or(|(b, _)| r > b) {
+                        best_of[slot] = Some((r, spent));
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
             }
         }
     }
+    let figures: Vec<(f64, Duration)> = best_of.into_iter().flatten().collect();
     let ((dedup, dedup_spent), (xadd, xadd_spent)) = (figures[0], figures[1]);
     println!(
-        "best chunk {chunk}: {} rows in {:.3}s = {dedup:.0} rows/s",
+        "best chunk {chunk}: {} rows in {:.3}s = {dedup:.0} rows/s (best of {} rounds)",
         args.rows,
-        dedup_spent.as_secs_f64()
+        dedup_spent.as_secs_f64(),
+        args.rounds.max(1)
     );
     println!(
-        "xadd-only script, chunk {chunk}: {} rows in {:.3}s = {xadd:.0} rows/s (dedup.lua: {:.0} % of it)",
+        "xadd-only script, chunk {chunk}: {} rows in {:.3}s = {xadd:.0} rows/s (dedup.lua: {:.0} % of it; alternated with it)",
         args.rows,
         xadd_spent.as_secs_f64(),
         dedup / xadd * 100.0
