@@ -385,3 +385,68 @@ async fn a_chunk_whose_predecessor_was_not_applied_writes_nothing() {
     assert_eq!(f.state().await.1["chunk"], "c:3");
     f.cleanup().await;
 }
+
+/// A first cycle of many small chunks, pipelined: a query that returns
+/// every key twice (two versions, in separate chunks) puts both on the
+/// stream, the older first; the chunks were applied one after the other,
+/// each after the one it named.
+#[tokio::test]
+async fn a_pipelined_first_cycle_keeps_each_keys_versions_in_order() {
+    let env = Env::new();
+    let entity = unique("dedup_pipelined");
+    let db = env.dir.path().join(format!("{entity}.db"));
+    let pool = sqlite(&db).await;
+    sqlite_exec(
+        &pool,
+        "CREATE TABLE v (id INTEGER NOT NULL, version INTEGER NOT NULL, name TEXT, \
+         updated_at TEXT NOT NULL DEFAULT (datetime('now')), PRIMARY KEY (id, version))",
+    )
+    .await;
+    sqlite_exec(
+        &pool,
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 150) \
+         INSERT INTO v (id, version, name) SELECT i, w, 'n' || i || 'v' || w FROM n, (SELECT 1 AS w UNION ALL SELECT 2)",
+    )
+    .await;
+    let config = env.config(&format!(
+        r#"
+[sources.{entity}]
+url = "{url}"
+
+[entities.{entity}]
+source = "{entity}"
+query = "SELECT id, name, updated_at FROM v WHERE updated_at >= :since ORDER BY version, id"
+key = "id"
+cursor = "updated_at"
+lookback = "5m"
+every = "1h"
+start = "beginning"
+chunk_rows = 7
+"#,
+        url = sqlite_url(&db)
+    ));
+    let out = once_ok(&config);
+    assert!(out.contains("300 rows read, 300 emitted"), "{out}");
+
+    let messages = read_stream(&entity).await;
+    assert_eq!(messages.len(), 300);
+    let names: Vec<String> = messages
+        .iter()
+        .map(|m| {
+            m.payload.as_ref().expect("payload")["name"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let expected: Vec<String> = (1..=2)
+        .flat_map(|w| (1..=150).map(move |i| format!("n{i}v{w}")))
+        .collect();
+    assert_eq!(names, expected, "the stream is not in the query's order");
+    // 43 chunks: the first one alone (it creates the state), the others
+    // chained; the last one applied is the 43rd.
+    let last = state_field(&env, &entity, "chunk")
+        .await
+        .expect("a chained chunk");
+    assert!(last.ends_with(":43"), "{last}");
+}
