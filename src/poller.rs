@@ -488,11 +488,21 @@ pub async fn run_cycle(
     let mut ended = false;
     let mut read_error: Option<SourceError> = None;
     let mut failed: Option<SinkError> = None;
+    // A chunk of this cycle was applied: the dedup script is in Redis's
+    // script cache. Until then chunks go one at a time, because a chunk sent
+    // while a NOSCRIPT reply is being handled (the script loaded, the chunk
+    // sent again) would overtake the ones before it, and the script would
+    // refuse it: after every restart of Redis, the next cycle would fail.
+    let mut script_cached = false;
     loop {
         // Before the state exists, the chunk that creates it must be
         // answered before the next is sent: the next one's state check
         // depends on it.
-        let room = if expect_state { CHUNKS_IN_FLIGHT } else { 1 };
+        let room = if expect_state && script_cached {
+            CHUNKS_IN_FLIGHT
+        } else {
+            1
+        };
         if !ended && !report.interrupted && in_flight.len() < room {
             let mut chunk = Chunk::with_capacity(entity.chunk_rows);
             match window.fill(&mut chunk).await {
@@ -542,6 +552,7 @@ pub async fn run_cycle(
                 break;
             }
         };
+        script_cached = true;
         expect_state |= emitted > 0;
         report.emitted += emitted;
         progress.update(window.read, report.emitted);
