@@ -8,7 +8,8 @@
 -- KEYS[1] seen    sorted set  pkey -> epoch of the last emitted version
 -- KEYS[2] digest  hash        pkey -> digest of the last emitted version
 -- KEYS[3] stream  stream      the change messages
--- KEYS[4] state   hash        watermark, figures; `writes` counts chunks that emitted
+-- KEYS[4] state   hash        watermark, figures; `writes` counts chunks that
+--                             emitted, `chunk` names the last chunk applied
 -- KEYS[5] lease   string      the entity's lease (lua/lease.lua)
 -- ARGV[1] max stream length (XADD MAXLEN ~), 0 = no cap
 -- ARGV[2] variant
@@ -16,7 +17,18 @@
 -- ARGV[4] "1" if the state hash must exist: the cycle started from it (or an
 --         earlier chunk of the cycle created it)
 -- ARGV[5] the caller's lease value ("" = unfenced: a single agent without leases)
--- ARGV[6..] per row, 5 values: pkey, epoch, digest, op, payload
+-- ARGV[6] the chunk that must have been applied last ("" = no check): with
+--         several chunks of a cycle in flight, a chunk whose predecessor
+--         failed (or has not arrived) is refused with "HWCHAIN <last applied>"
+-- ARGV[7] this chunk's name, recorded as `chunk` ("" = record nothing; only
+--         sent with ARGV[4] = "1", so it never creates the state hash)
+-- ARGV[8..] per row, 5 values: pkey, epoch, digest, op, payload
+--
+-- The rows are decided in order, as if one after the other: a key that
+-- appears twice in the chunk compares its second version with the first's
+-- digest when the first was emitted here. The state is looked up with one
+-- HMGET and written with one ZADD and one HSET (the last emitted version of
+-- each key), the messages with one XADD per emitted row, in row order.
 --
 -- The fence: when the caller's lease value is not the lease's current
 -- value (another agent took the entity over, or the lease expired), the
@@ -34,6 +46,7 @@ local seen, digests, stream, state, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4], 
 local maxlen = tonumber(ARGV[1])
 local variant = ARGV[2]
 local with_payload = ARGV[3] == '1'
+local after, name = ARGV[6], ARGV[7]
 
 if ARGV[4] == '1' and redis.call('EXISTS', state) == 0 then
   return false
@@ -46,24 +59,90 @@ if ARGV[5] ~= '' then
   end
 end
 
+if after ~= '' then
+  local last = redis.call('HGET', state, 'chunk')
+  if last ~= after then
+    return redis.error_reply('HWCHAIN ' .. (last or ''))
+  end
+end
+
+-- unpack() is limited by Lua's C stack: commands take their arguments in
+-- slices of this many keys.
+local slice = 1000
+local first_row = 8
+local rows = (#ARGV - first_row + 1) / 5
+
+local pkeys = {}
+for r = 1, rows do
+  pkeys[r] = ARGV[first_row + (r - 1) * 5]
+end
+local stored
+if rows <= slice then
+  stored = rows > 0 and redis.call('HMGET', digests, unpack(pkeys)) or {}
+else
+  stored = {}
+  for from = 1, rows, slice do
+    local to = math.min(from + slice - 1, rows)
+    local got = redis.call('HMGET', digests, unpack(pkeys, from, to))
+    for j = 1, #got do
+      stored[from + j - 1] = got[j]
+    end
+  end
+end
+
+local append
+if maxlen > 0 and with_payload then
+  append = function(pkey, epoch, op, payload)
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'pkey', pkey, 'epoch', epoch, 'variant', variant, 'op', op, 'payload', payload)
+  end
+elseif maxlen > 0 then
+  append = function(pkey, epoch, op)
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'pkey', pkey, 'epoch', epoch, 'variant', variant, 'op', op)
+  end
+elseif with_payload then
+  append = function(pkey, epoch, op, payload)
+    redis.call('XADD', stream, '*', 'pkey', pkey, 'epoch', epoch, 'variant', variant, 'op', op, 'payload', payload)
+  end
+else
+  append = function(pkey, epoch, op)
+    redis.call('XADD', stream, '*', 'pkey', pkey, 'epoch', epoch, 'variant', variant, 'op', op)
+  end
+end
+
+-- The keys emitted here: member m is scores[2m-1] (epoch), scores[2m]
+-- (pkey) and fields[2m-1] (pkey), fields[2m] (digest); `member` finds a
+-- key's m, so that its later version overwrites the earlier one.
+local member, scores, fields, members = {}, {}, {}, 0
 local emitted = 0
-for i = 6, #ARGV, 5 do
-  local pkey, epoch, digest, op = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  if redis.call('HGET', digests, pkey) ~= digest then
-    redis.call('ZADD', seen, epoch, pkey)
-    redis.call('HSET', digests, pkey, digest)
-    local fields = {'pkey', pkey, 'epoch', epoch, 'variant', variant, 'op', op}
-    if with_payload then
-      fields[#fields + 1] = 'payload'
-      fields[#fields + 1] = ARGV[i + 4]
+for r = 1, rows do
+  local i = first_row + (r - 1) * 5
+  local pkey, epoch, digest = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local m = member[pkey]
+  local last
+  if m then
+    last = fields[2 * m]
+  else
+    last = stored[r]
+  end
+  if last ~= digest then
+    if not m then
+      members = members + 1
+      m = members
+      member[pkey] = m
+      scores[2 * m] = pkey
+      fields[2 * m - 1] = pkey
     end
-    if maxlen > 0 then
-      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(fields))
-    else
-      redis.call('XADD', stream, '*', unpack(fields))
-    end
+    scores[2 * m - 1] = epoch
+    fields[2 * m] = digest
+    append(pkey, epoch, ARGV[i + 3], ARGV[i + 4])
     emitted = emitted + 1
   end
+end
+
+for from = 1, members, slice do
+  local to = math.min(from + slice - 1, members)
+  redis.call('ZADD', seen, unpack(scores, 2 * from - 1, 2 * to))
+  redis.call('HSET', digests, unpack(fields, 2 * from - 1, 2 * to))
 end
 
 local writes
@@ -71,5 +150,8 @@ if emitted > 0 then
   writes = redis.call('HINCRBY', state, 'writes', 1)
 else
   writes = tonumber(redis.call('HGET', state, 'writes') or '0')
+end
+if name ~= '' then
+  redis.call('HSET', state, 'chunk', name)
 end
 return {emitted, writes}

@@ -6,14 +6,16 @@
 //! fails or is stopped half-way leaves it where it was, and the next cycle
 //! re-reads the same window (the dedup state filters what was already sent).
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
 use crate::change::Change;
 use crate::config::{CursorKind, EntitySettings, OnStateLoss};
-use crate::sink::{Commit, CycleFigures, LeaseRenewal, Sink, SinkError};
+use crate::sink::{Commit, CycleFigures, LeaseRenewal, Link, Sink, SinkError};
 use crate::source::{Prepared, RawRow, Scratch, Sessions, Source, SourceError, BEGINNING};
 
 /// Why a cycle failed.
@@ -192,6 +194,20 @@ impl Chunk {
         self.changes.push(change);
         self.fingerprints.push(fingerprint);
     }
+}
+
+/// How many chunks of a cycle may be in Redis's hands at once (sent, not
+/// answered). Two keep Redis busy while the agent reads the next chunk; the
+/// others absorb the bursts of the source's reads.
+pub const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// A chunk sent to the dedup script: its rows (confirmed in the agent's
+/// memory once applied) and the reply to come (`early`: it came at once,
+/// e.g. an error).
+struct InFlight<'a> {
+    chunk: Chunk,
+    reply: BoxFuture<'a, Result<(u64, i64), SinkError>>,
+    early: Option<Result<(u64, i64), SinkError>>,
 }
 
 /// Reads a window into chunks, skipping rows below the window and rows the
@@ -495,32 +511,85 @@ pub async fn run_cycle(
     // From here on the state hash must not vanish: the scripts check it, so
     // that a loss during the cycle is not recreated as a fresh state.
     let mut expect_state = state.exists;
-    let mut chunks = 0u64;
-    let mut current = Chunk::with_capacity(entity.chunk_rows);
     let mut progress = crate::progress::CycleProgress::start(&entity.name);
-    let mut ended = window.fill(&mut current).await?;
-    // One chunk in flight in Redis while the next one is read and decoded.
-    while !current.is_empty() {
-        let mut next = Chunk::with_capacity(if ended { 0 } else { entity.chunk_rows });
-        let (applied, filled) = if ended {
-            (
-                sink.apply_chunk(entity, &keys, &current.changes, expect_state, fence)
-                    .await,
-                Ok(true),
-            )
+    // Chunks sent and not answered yet, oldest first. Once the state hash
+    // exists, several travel at once, so that Redis never waits for the
+    // agent to read the next one; each names the one before it, and the
+    // dedup script applies it only right after that one (lua/dedup.lua
+    // ARGV[6]): a chunk after one that failed writes nothing.
+    let mut in_flight: VecDeque<InFlight<'_>> = VecDeque::with_capacity(CHUNKS_IN_FLIGHT);
+    let cycle = format!("{:016x}", rand::random::<u64>());
+    let mut sent = 0u64;
+    let mut last_link: Option<String> = None;
+    let mut applied_chunks = 0u64;
+    let mut ended = false;
+    let mut read_error: Option<SourceError> = None;
+    let mut failed: Option<SinkError> = None;
+    // A chunk of this cycle was applied: the dedup script is in Redis's
+    // script cache. Until then chunks go one at a time, because a chunk sent
+    // while a NOSCRIPT reply is being handled (the script loaded, the chunk
+    // sent again) would overtake the ones before it, and the script would
+    // refuse it: after every restart of Redis, the next cycle would fail.
+    let mut script_cached = false;
+    loop {
+        // Before the state exists, the chunk that creates it must be
+        // answered before the next is sent: the next one's state check
+        // depends on it.
+        let room = if expect_state && script_cached {
+            CHUNKS_IN_FLIGHT
         } else {
-            tokio::join!(
-                sink.apply_chunk(entity, &keys, &current.changes, expect_state, fence),
-                window.fill(&mut next)
-            )
+            1
+        };
+        if !ended && !report.interrupted && in_flight.len() < room {
+            let mut chunk = Chunk::with_capacity(entity.chunk_rows);
+            match window.fill(&mut chunk).await {
+                Ok(done) => ended = done,
+                Err(e) => {
+                    // The chunks in flight are settled first, as applied.
+                    read_error = Some(e);
+                    ended = true;
+                    continue;
+                }
+            }
+            if chunk.is_empty() {
+                continue;
+            }
+            sent += 1;
+            let name = expect_state.then(|| format!("{cycle}:{sent}"));
+            let link = Link {
+                after: name.as_ref().and(last_link.as_deref()),
+                name: name.as_deref(),
+            };
+            let cmd = sink.chunk_command(entity, &keys, &chunk.changes, expect_state, fence, link);
+            last_link = name;
+            let mut reply = sink.send_chunk(entity, cmd).boxed();
+            // Polled once now, which queues it on the connection: calls
+            // travel in the order they were first polled.
+            let early = futures_util::future::poll_immediate(&mut reply).await;
+            in_flight.push_back(InFlight {
+                chunk,
+                reply,
+                early,
+            });
+            continue;
+        }
+        let Some(flight) = in_flight.pop_front() else {
+            break;
+        };
+        let applied = match flight.early {
+            Some(applied) => applied,
+            None => flight.reply.await,
         };
         let (emitted, writes) = match applied {
             Ok(applied) => applied,
             Err(e) => {
-                drop(window);
-                return Err(state_vanished(entity, memory, e));
+                // Nothing after a failed chunk counts as applied (the
+                // script refuses what follows it).
+                failed = Some(e);
+                break;
             }
         };
+        script_cached = true;
         expect_state |= emitted > 0;
         report.emitted += emitted;
         progress.update(window.read, report.emitted);
@@ -531,15 +600,21 @@ pub async fn run_cycle(
         }
         foreign_writes |= writes != expected_writes;
         expected_writes = writes;
-        window.confirm(&current);
-        chunks += 1;
-        crate::fault::after_chunk(chunks);
+        window.confirm(&flight.chunk);
+        applied_chunks += 1;
+        crate::fault::after_chunk(applied_chunks);
         if *stop.borrow() {
+            // The chunks already sent are finished; nothing more is sent.
             report.interrupted = true;
-            break;
         }
-        ended = filled?;
-        current = next;
+    }
+    drop(in_flight);
+    if let Some(e) = failed {
+        drop(window);
+        return Err(state_vanished(entity, memory, e));
+    }
+    if let Some(e) = read_error {
+        return Err(e.into());
     }
     report.rows = window.read;
     report.below_window = window.below_window;

@@ -64,6 +64,14 @@ pub enum SinkError {
         action: &'static str,
         holder: Option<String>,
     },
+    /// A chunk reached the dedup script before the chunk it follows was
+    /// applied (that one failed, or was overtaken). Nothing was written.
+    #[error("entity {entity}: {action} was refused: the chunk before it was not applied (the last applied is {})", last.as_deref().unwrap_or("none"))]
+    OutOfOrder {
+        entity: String,
+        action: &'static str,
+        last: Option<String>,
+    },
 }
 
 /// `entity NAME: ` for errors about one entity; nothing for the agent's own
@@ -89,6 +97,8 @@ impl SinkError {
             SinkError::StateVanished { .. } => true,
             // The agent stands by; a lease it takes later writes again.
             SinkError::Fenced { .. } => true,
+            // The next cycle re-reads the window.
+            SinkError::OutOfOrder { .. } => true,
         }
     }
 
@@ -100,7 +110,8 @@ impl SinkError {
             }
             SinkError::Reply { .. }
             | SinkError::StateVanished { .. }
-            | SinkError::Fenced { .. } => false,
+            | SinkError::Fenced { .. }
+            | SinkError::OutOfOrder { .. } => false,
         }
     }
 }
@@ -330,6 +341,20 @@ pub struct Committed {
     pub stream_entries: u64,
 }
 
+/// Where a chunk stands among the chunks of its cycle that are in flight
+/// together (lua/dedup.lua ARGV[6], ARGV[7]): the script applies a chunk
+/// only right after the one it names as `after`, so a chunk whose
+/// predecessor failed, or overtook it, writes nothing
+/// ([`SinkError::OutOfOrder`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Link<'a> {
+    /// The chunk that must be the last one applied (`None`: no check).
+    pub after: Option<&'a str>,
+    /// This chunk's name, recorded in the state hash when it is applied
+    /// (`None`: nothing recorded). Only with `expect_state`.
+    pub name: Option<&'a str>,
+}
+
 /// The connection to Redis and the scripts.
 #[derive(Clone)]
 pub struct Sink {
@@ -530,6 +555,23 @@ impl Sink {
         expect_state: bool,
         fence: Option<&str>,
     ) -> Result<(u64, i64), SinkError> {
+        let cmd = self.chunk_command(entity, keys, chunk, expect_state, fence, Link::default());
+        self.send_chunk(entity, cmd).await
+    }
+
+    /// The dedup script's call for one chunk, to send with
+    /// [`Sink::send_chunk`]: built apart from sending, so that the call in
+    /// flight owns its arguments while the next chunk is read into the
+    /// buffers this one was read into. `link`: see [`Link`].
+    pub fn chunk_command(
+        &self,
+        entity: &EntitySettings,
+        keys: &EntityKeys,
+        chunk: &[Change],
+        expect_state: bool,
+        fence: Option<&str>,
+        link: Link<'_>,
+    ) -> redis::Cmd {
         // EVALSHA built as one command: every argument goes straight into
         // the command's single buffer. (A `ScriptInvocation` allocates each
         // argument on its own and copies them all into a command again.)
@@ -537,7 +579,7 @@ impl Sink {
             .iter()
             .map(|c| c.pkey.len() + c.payload.as_ref().map_or(0, String::len) + 48)
             .sum();
-        let mut cmd = redis::Cmd::with_capacity(13 + 5 * chunk.len(), 256 + bytes);
+        let mut cmd = redis::Cmd::with_capacity(15 + 5 * chunk.len(), 320 + bytes);
         cmd.arg("EVALSHA")
             .arg(self.dedup.get_hash())
             .arg(5)
@@ -554,7 +596,9 @@ impl Sink {
                 "0"
             })
             .arg(if expect_state { "1" } else { "0" })
-            .arg(fence.unwrap_or(""));
+            .arg(fence.unwrap_or(""))
+            .arg(link.after.unwrap_or(""))
+            .arg(link.name.unwrap_or(""));
         let mut digest = [0u8; 16];
         for change in chunk {
             cmd.arg(&change.pkey)
@@ -563,6 +607,18 @@ impl Sink {
                 .arg(change.op.as_str())
                 .arg(change.payload.as_deref().unwrap_or(""));
         }
+        cmd
+    }
+
+    /// Sends a chunk's call (see [`Sink::chunk_command`]); returns how many
+    /// rows were emitted and the state's write counter afterwards. Calls
+    /// sent one after the other without waiting travel in that order on the
+    /// one connection (a pipeline).
+    pub async fn send_chunk(
+        &self,
+        entity: &EntitySettings,
+        cmd: redis::Cmd,
+    ) -> Result<(u64, i64), SinkError> {
         let applied: Option<(u64, i64)> = self
             .query_script(&self.dedup, &cmd)
             .await
@@ -689,8 +745,21 @@ pub fn client(settings: &RedisSettings) -> redis::RedisResult<redis::Client> {
 }
 
 /// The error of a script call: [`SinkError::Fenced`] when the script
-/// refused a stale lease (`HWFENCED <current lease value>`).
+/// refused a stale lease (`HWFENCED <current lease value>`),
+/// [`SinkError::OutOfOrder`] when it refused a chunk whose predecessor was
+/// not applied (`HWCHAIN <last chunk applied>`).
 fn fenced_or(entity: &str, action: &'static str, error: redis::RedisError) -> SinkError {
+    if error.code() == Some("HWCHAIN") {
+        return SinkError::OutOfOrder {
+            entity: entity.to_owned(),
+            action,
+            last: error
+                .detail()
+                .map(str::trim)
+                .filter(|d| !d.is_empty())
+                .map(str::to_owned),
+        };
+    }
     if error.code() == Some("HWFENCED") {
         return SinkError::Fenced {
             entity: entity.to_owned(),
@@ -768,14 +837,14 @@ mod tests {
         };
         assert!(!failed.is_transient());
 
-        // Redis 7.0 names only the script and the line: line 61 of dedup.lua calls XADD.
+        // Redis 7.0 names only the script and the line: line 96 of dedup.lua calls XADD.
         let sha = Script::new(DEDUP_LUA).get_hash().to_owned();
         let in_script = refused(
             "ERR",
-            &format!("The user executing the script can't run this command or subcommand script: {sha}, on @user_script:61."),
+            &format!("The user executing the script can't run this command or subcommand script: {sha}, on @user_script:96."),
         );
         assert!(describe(&in_script).starts_with(
-            "redis refused the command XADD at lua/dedup.lua line 61 (The user executing the script"
+            "redis refused the command XADD at lua/dedup.lua line 96 (The user executing the script"
         ));
         // Redis 7.2 names the command too.
         let newer = refused(

@@ -612,6 +612,8 @@ async fn dedup(k: &Keys, lease: &str, pkey: &str, digest: &str) -> redis::RedisR
         .arg("1")
         .arg("0")
         .arg(lease)
+        .arg("")
+        .arg("")
         .arg(pkey)
         .arg(1_000_000)
         .arg(digest)
