@@ -688,7 +688,7 @@ impl Sink {
                     .arg("horizon_who")
                     .arg(
                         horizon
-                            .map(|t| format!("{} (user {})", t.who, t.user))
+                            .map(|t| format!("{}, user {}", t.who, t.user))
                             .unwrap_or_default(),
                     );
             }

@@ -112,6 +112,24 @@ pub struct EntityStatus {
     pub lease: Option<LeaseStatus>,
     /// How far the last committed cycle's window reached back (time cursors).
     pub window: Option<WindowStatus>,
+    /// The consumer groups of the entity's stream.
+    pub consumer_groups: Vec<GroupStatus>,
+}
+
+/// A consumer group of a stream, as `XINFO GROUPS` and `XPENDING` report it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupStatus {
+    pub name: String,
+    /// Entries not yet delivered to the group; `None` when Redis cannot
+    /// tell (entries were deleted or trimmed in the group's unread range,
+    /// or Redis is older than 7.0).
+    pub lag: Option<u64>,
+    /// Entries delivered but not acknowledged.
+    pub pending: u64,
+    /// How long ago the oldest pending entry was added (by its id's time).
+    pub oldest_pending_age_seconds: Option<f64>,
+    pub consumers: u64,
+    pub last_delivered_id: String,
 }
 
 /// The last committed cycle's window: the look-back, and how much an open
@@ -132,7 +150,7 @@ pub struct WindowStatus {
 pub struct OpenTransactionStatus {
     /// Since when it has been open (RFC 3339).
     pub since: String,
-    /// `pid 1234 (user app)`, `thread 56 (user app)`.
+    /// `pid 1234, user app`, `thread 56, user app`.
     pub who: String,
 }
 
@@ -306,6 +324,12 @@ async fn entity_status(
         dedup_keys,
         stream_length,
         last_entry_id: last.ids.first().map(|entry| entry.id.clone()),
+        consumer_groups: consumer_groups(&mut conn, &keys.stream)
+            .await
+            .map_err(|error| StatusError::Read {
+                entity: entity.name.clone(),
+                error,
+            })?,
         window: (entity.cursor_kind == CursorKind::Time && watermark_epoch.is_some()).then(|| {
             WindowStatus {
                 lookback_seconds: entity.lookback as f64 / 1e6,
@@ -326,6 +350,65 @@ async fn entity_status(
             }
         }),
     })
+}
+
+/// The consumer groups of `stream` (none when the stream does not exist).
+async fn consumer_groups(
+    conn: &mut redis::aio::ConnectionManager,
+    stream: &str,
+) -> Result<Vec<GroupStatus>, redis::RedisError> {
+    let exists: bool = redis::cmd("EXISTS").arg(stream).query_async(conn).await?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await?;
+    let now_ms = Utc::now().timestamp_millis();
+    let mut out = Vec::with_capacity(groups.len());
+    for group in groups {
+        let text = |field: &str| -> String {
+            group
+                .get(field)
+                .and_then(|v| redis::from_redis_value::<String>(v).ok())
+                .unwrap_or_default()
+        };
+        let number = |field: &str| -> Option<u64> {
+            group
+                .get(field)
+                .and_then(|v| redis::from_redis_value::<Option<u64>>(v).ok())
+                .flatten()
+        };
+        let name = text("name");
+        let pending = number("pending").unwrap_or(0);
+        let oldest_pending_age_seconds = if pending > 0 {
+            let summary: (u64, Option<String>, Option<String>, redis::Value) =
+                redis::cmd("XPENDING")
+                    .arg(stream)
+                    .arg(&name)
+                    .query_async(conn)
+                    .await?;
+            summary
+                .1
+                .as_deref()
+                .and_then(|id| id.split('-').next())
+                .and_then(|ms| ms.parse::<i64>().ok())
+                .map(|added| (now_ms - added).max(0) as f64 / 1000.0)
+        } else {
+            None
+        };
+        out.push(GroupStatus {
+            lag: number("lag"),
+            pending,
+            oldest_pending_age_seconds,
+            consumers: number("consumers").unwrap_or(0),
+            last_delivered_id: text("last-delivered-id"),
+            name,
+        });
+    }
+    Ok(out)
 }
 
 /// `status --json`: `{"agents": [...], "entities": [...]}`, fields in a fixed order.
@@ -371,6 +454,19 @@ pub fn render_text(status: &Status) -> String {
             "  stream        {}: {} entries, last id {last_id}\n",
             s.stream, s.stream_length
         ));
+        for g in &s.consumer_groups {
+            let lag = g.lag.map_or_else(
+                || "lag unknown (entries were trimmed or deleted in its unread range)".to_owned(),
+                |lag| format!("lag {lag}"),
+            );
+            let oldest = g
+                .oldest_pending_age_seconds
+                .map_or_else(String::new, |age| format!(" (oldest {age:.1}s old)"));
+            out.push_str(&format!(
+                "  group         {}: {lag}, {} pending{oldest}, {} consumers, last delivered {}\n",
+                g.name, g.pending, g.consumers, g.last_delivered_id
+            ));
+        }
         let watermark = match (&s.watermark, s.lag_seconds) {
             (Some(w), Some(lag)) => format!("{w} (lag {lag:.1}s)"),
             (Some(w), None) => w.clone(),

@@ -671,6 +671,110 @@ fn status_json(config: &Path) -> serde_json::Value {
 }
 
 #[tokio::test]
+async fn status_shows_each_consumer_group_with_its_lag_and_pending_entries() {
+    let env = Env::new();
+    let (pool, table, config) = pg_setup(&env, "st_groups", "start = \"beginning\"").await;
+    pg_exec(
+        &pool,
+        &format!("INSERT INTO {table} (id, name) VALUES (1, 'a'), (2, 'b'), (3, 'c'), (4, 'd')"),
+    )
+    .await;
+    once_ok(&config);
+    let mut conn = redis_conn().await;
+    // `indexer` read two entries and acknowledged none; `cache` joined at
+    // the end and has read nothing since.
+    let _: () = redis::cmd("XGROUP")
+        .arg(&["CREATE", table.as_str(), "indexer", "0"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("XGROUP")
+        .arg(&["CREATE", table.as_str(), "cache", "$"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg(&[
+            "GROUP",
+            "indexer",
+            "worker-1",
+            "COUNT",
+            "2",
+            "STREAMS",
+            table.as_str(),
+            ">",
+        ])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let messages = read_stream(&table).await;
+
+    let json = status_json(&config);
+    let groups = json["entities"][0]["consumer_groups"]
+        .as_array()
+        .expect("consumer_groups")
+        .clone();
+    let by_name = |name: &str| {
+        groups
+            .iter()
+            .find(|g| g["name"] == name)
+            .unwrap_or_else(|| panic!("group {name} in {groups:?}"))
+            .clone()
+    };
+    let indexer = by_name("indexer");
+    assert_eq!(indexer["lag"], 2, "{indexer}");
+    assert_eq!(indexer["pending"], 2, "{indexer}");
+    assert_eq!(indexer["consumers"], 1, "{indexer}");
+    assert_eq!(indexer["last_delivered_id"], messages[1].id.as_str());
+    let age = indexer["oldest_pending_age_seconds"]
+        .as_f64()
+        .expect("an age");
+    assert!((0.0..60.0).contains(&age), "{age}");
+    let cache = by_name("cache");
+    assert_eq!(cache["lag"], 0, "{cache}");
+    assert_eq!(cache["pending"], 0, "{cache}");
+    assert!(cache["oldest_pending_age_seconds"].is_null(), "{cache}");
+
+    let (ok, text, _) = run_cli(&["status", "--config", config.to_str().unwrap()]);
+    assert!(ok.status.success(), "{text}");
+    assert!(
+        text.contains("  group         indexer: lag 2, 2 pending (oldest ")
+            && text.contains(&format!(
+                "s old), 1 consumers, last delivered {}\n",
+                messages[1].id
+            )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "  group         cache: lag 0, 0 pending, 0 consumers, last delivered {}\n",
+            messages[3].id
+        )),
+        "{text}"
+    );
+
+    // An entry deleted in a group's unread range: Redis can no longer count
+    // the lag, and status says so rather than show a number.
+    let _: () = redis::cmd("XDEL")
+        .arg(&[table.as_str(), messages[2].id.as_str()])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let json = status_json(&config);
+    let groups = json["entities"][0]["consumer_groups"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let indexer = groups.iter().find(|g| g["name"] == "indexer").unwrap();
+    assert!(indexer["lag"].is_null(), "{indexer}");
+    let (_, text, _) = run_cli(&["status", "--config", config.to_str().unwrap()]);
+    assert!(
+        text.contains("  group         indexer: lag unknown (entries were trimmed or deleted in its unread range), 2 pending"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn status_shows_the_last_cycle_as_text_and_json() {
     let env = Env::new();
     let (pool, table, config) = pg_setup(&env, "st_ok", "start = \"beginning\"").await;
