@@ -469,7 +469,7 @@ async fn a_transaction_older_than_max_lookback_is_named_once_and_the_window_stop
         1_000_000,
         "max_lookback 2s - lookback 1s"
     );
-    let metrics = http_body(port, "/metrics");
+    let (_, metrics) = http_get(port, "/metrics").expect("GET /metrics");
     for line in [
         format!("highwater_long_transactions_total{{entity=\"{table}\"}} 1"),
         format!("highwater_window_extension_seconds{{entity=\"{table}\"}} 1"),
@@ -490,25 +490,6 @@ async fn a_transaction_older_than_max_lookback_is_named_once_and_the_window_stop
         pool.close().await;
     }
     pg_exec(&admin, &format!("DROP DATABASE {database} WITH (FORCE)")).await;
-}
-
-/// A one-request HTTP/1.1 GET: the body.
-fn http_body(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    response
-        .split_once("\r\n\r\n")
-        .map_or(response.clone(), |(_, body)| body.to_owned())
 }
 
 // ---------------------------------------------------------------------------
