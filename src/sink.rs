@@ -749,26 +749,27 @@ pub fn client(settings: &RedisSettings) -> redis::RedisResult<redis::Client> {
 /// [`SinkError::OutOfOrder`] when it refused a chunk whose predecessor was
 /// not applied (`HWCHAIN <last chunk applied>`).
 fn fenced_or(entity: &str, action: &'static str, error: redis::RedisError) -> SinkError {
+    // What the script named after its code: the last chunk applied, or the
+    // lease's current value ("" when none).
+    let detail = || {
+        error
+            .detail()
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .map(str::to_owned)
+    };
     if error.code() == Some("HWCHAIN") {
         return SinkError::OutOfOrder {
             entity: entity.to_owned(),
             action,
-            last: error
-                .detail()
-                .map(str::trim)
-                .filter(|d| !d.is_empty())
-                .map(str::to_owned),
+            last: detail(),
         };
     }
     if error.code() == Some("HWFENCED") {
         return SinkError::Fenced {
             entity: entity.to_owned(),
             action,
-            holder: error
-                .detail()
-                .map(str::trim)
-                .filter(|d| !d.is_empty())
-                .map(str::to_owned),
+            holder: detail(),
         };
     }
     SinkError::Command {
