@@ -352,13 +352,14 @@ async fn entity_status(
     })
 }
 
-/// The consumer groups of `stream` (none when the stream does not exist).
+/// The consumer groups of `stream` (none when the stream does not exist;
+/// `check` reports a key that is not a stream).
 async fn consumer_groups(
     conn: &mut redis::aio::ConnectionManager,
     stream: &str,
 ) -> Result<Vec<GroupStatus>, redis::RedisError> {
-    let exists: bool = redis::cmd("EXISTS").arg(stream).query_async(conn).await?;
-    if !exists {
+    let kind: String = redis::cmd("TYPE").arg(stream).query_async(conn).await?;
+    if kind != "stream" {
         return Ok(Vec::new());
     }
     let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
