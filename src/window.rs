@@ -87,10 +87,7 @@ pub fn start(
     };
     if let Some(reference) = limit.filter(|_| extends(entity)) {
         let limit = reference.saturating_sub(entity.max_lookback);
-        let seen = match sessions {
-            Sessions::Seen(oldest) => oldest.as_ref(),
-            Sessions::Unseen => None,
-        };
+        let seen = horizon(sessions);
         let reach = remembered
             .horizon
             .into_iter()
