@@ -1,5 +1,7 @@
--- highwater commit: after the last chunk of a cycle, atomically advance the
--- watermark and trim what the next window can no longer return.
+
+-- highwater commit (after lua/retention.lua): after the last chunk of a
+-- cycle, atomically advance the watermark, trim what the next window can no
+-- longer return, and apply the stream's retention.
 --
 -- W_new = max(W_old, candidate). The candidate is the database's now() read
 -- at cycle start (time cursors) or the highest version seen (version
@@ -15,7 +17,8 @@
 -- caller repeats the call while it trims a full batch, so a large trim never
 -- blocks Redis for long.
 --
--- KEYS[1] state, KEYS[2] seen, KEYS[3] digest, KEYS[4] lease, KEYS[5] stream
+-- KEYS[1] state, KEYS[2] seen, KEYS[3] digest, KEYS[4] lease, KEYS[5] stream,
+-- KEYS[6] the stream's dropped-entries hash (lua/retention.lua)
 -- ARGV[1] candidate watermark ("" = keep the old one)
 -- ARGV[2] trim below this epoch ("" = trim nothing)
 -- ARGV[3] trim batch size
@@ -24,15 +27,19 @@
 -- ARGV[5] the caller's lease value ("" = unfenced); a value that is not the
 --         lease's current one fails with "HWFENCED <current value>" and
 --         changes nothing (the fence, as in lua/dedup.lua)
--- ARGV[6..] field, value pairs recorded in the state hash (last cycle's figures)
+-- ARGV[6] max_stream_length, ARGV[7] max_age in ms, ARGV[8]
+--         hard_max_stream_length (each 0 = none): the stream's retention
+-- ARGV[9..] field, value pairs recorded in the state hash (last cycle's figures)
 --
--- Returns {watermark or false, trimmed, keys in seen, entries in the stream}
--- (the sizes, so that the agent's gauges cost no round trip of their own);
+-- Returns {watermark or false, trimmed, keys in seen, entries in the stream,
+-- stream entries trimmed, 1 if the retention was cut short, the groups}
+-- (the sizes and the groups, so that the agent's gauges cost no round trip
+-- of their own; the groups as retain() gives them);
 -- false, changing nothing, when the
 -- state hash must exist but does not (Redis lost it during the cycle: a
 -- commit would recreate it and hide the loss).
 
-local state, seen, digests, lease, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local state, seen, digests, lease, stream, dropped = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local candidate, below, batch = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 if ARGV[4] == '1' and redis.call('EXISTS', state) == 0 then
@@ -53,8 +60,8 @@ if candidate ~= '' and (not watermark or tonumber(candidate) > tonumber(watermar
 end
 
 -- The figures in one HSET (a dozen fields: one command, not one each).
-if #ARGV >= 7 then
-  redis.call('HSET', state, unpack(ARGV, 6, #ARGV))
+if #ARGV >= 10 then
+  redis.call('HSET', state, unpack(ARGV, 9, #ARGV))
 end
 
 local trimmed = 0
@@ -81,4 +88,5 @@ end
 -- hash empty while this is not zero knows Redis lost data.
 local tracked = redis.call('ZCARD', seen)
 redis.call('HSET', state, 'tracked', tracked)
-return {watermark or false, trimmed, tracked, redis.call('XLEN', stream)}
+local kept = retain(stream, dropped, tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), batch)
+return {watermark or false, trimmed, tracked, redis.call('XLEN', stream), kept[1], kept[2], kept[3]}

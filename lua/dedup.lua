@@ -11,7 +11,9 @@
 -- KEYS[4] state   hash        watermark, figures; `writes` counts chunks that
 --                             emitted, `chunk` names the last chunk applied
 -- KEYS[5] lease   string      the entity's lease (lua/lease.lua)
--- ARGV[1] max stream length (XADD MAXLEN ~), 0 = no cap
+-- ARGV[1] max stream length (XADD MAXLEN ~), 0 = no cap; not applied while
+--         the stream has consumer groups (lua/retention.lua trims it then,
+--         at the commit, as far as the groups have acknowledged)
 -- ARGV[2] variant
 -- ARGV[3] "1" to include the payload field, "0" for key-only messages
 -- ARGV[4] "1" if the state hash must exist: the cycle started from it (or an
@@ -88,6 +90,12 @@ else
       stored[from + j - 1] = got[j]
     end
   end
+end
+
+-- A MAXLEN cut does not know what the groups have read: with groups, the
+-- commit's retention trims instead.
+if maxlen > 0 and redis.call('EXISTS', stream) == 1 and #redis.call('XINFO', 'GROUPS', stream) > 0 then
+  maxlen = 0
 end
 
 local append

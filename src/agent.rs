@@ -55,7 +55,7 @@ pub fn sources(config: &Config) -> Result<BTreeMap<String, Arc<Source>>, SourceE
 #[derive(Debug)]
 pub enum OnceOutcome {
     /// The cycle ran.
-    Done(CycleReport),
+    Done(Box<CycleReport>),
     /// Another agent holds the entity's lease: skipped (nothing written).
     Held {
         /// The holder's agent id.
@@ -110,7 +110,7 @@ pub async fn once(
                 )
                 .await;
                 match cycle {
-                    Ok(report) => Ok(OnceOutcome::Done(report)),
+                    Ok(report) => Ok(OnceOutcome::Done(Box::new(report))),
                     Err(CycleError::LeaseLost {
                         holder, refused, ..
                     }) => {
@@ -447,7 +447,7 @@ fn spawn_memory_watch(
             let ratio = sink.memory_ratio().await;
             let reason = match ratio {
                 Ok(Some(ratio)) if ratio > threshold => Some(format!(
-                    "redis memory at {:.0}% of maxmemory, above pause_at_memory = {:.0}%: waiting for consumers to trim streams",
+                    "redis memory at {:.0}% of maxmemory, above pause_at_memory = {:.0}%: waiting for consumer groups to acknowledge entries, which the retention then trims",
                     ratio * 100.0,
                     threshold * 100.0
                 )),
@@ -528,6 +528,39 @@ impl EntityTask {
         &self.config.entities[&self.entity]
     }
 
+    /// While polling is paused, applies the stream's retention once per
+    /// memory reading, so that what the consumer groups acknowledge goes
+    /// and memory comes down (no cycle commits meanwhile). Only the agent
+    /// that holds the entity's lease does (or any, unfenced). Returns true
+    /// when the agent is stopping.
+    async fn retain_while_paused(&mut self) -> bool {
+        let mut failed = false;
+        loop {
+            if self.claim.as_ref().is_none_or(|c| c.held().is_some()) {
+                let entity = self.settings();
+                let keys = self.sink.keys(entity);
+                match self.sink.retain(entity, &keys).await {
+                    Ok(retained) => {
+                        crate::poller::log_dropped(entity, &retained);
+                        crate::metrics::global().record_retention(&entity.stream, &retained);
+                        failed = false;
+                    }
+                    // Once per run of failures: the memory watch says how Redis is.
+                    Err(error) if !failed => {
+                        tracing::warn!(entity = %self.entity, error = %error_chain(&error), "applying the stream's retention while paused failed");
+                        failed = true;
+                    }
+                    Err(_) => {}
+                }
+            }
+            tokio::select! {
+                _ = self.pause.wait_for(Option::is_none) => return false,
+                _ = self.stop.changed() => return true,
+                () = tokio::time::sleep(MEMORY_WATCH_INTERVAL) => {}
+            }
+        }
+    }
+
     async fn run(mut self) {
         let origin = Utc::now();
         let mut failures: u32 = 0;
@@ -553,9 +586,8 @@ impl EntityTask {
             }
             if self.pause.borrow().is_some() {
                 // Wait for the pause to lift (or shutdown), then poll at once.
-                tokio::select! {
-                    _ = self.pause.wait_for(Option::is_none) => {}
-                    _ = self.stop.changed() => return,
+                if self.retain_while_paused().await {
+                    return;
                 }
                 next = Utc::now();
                 continue;
@@ -604,6 +636,10 @@ impl EntityTask {
                             dedup_keys,
                             stream_entries,
                         );
+                    }
+                    if let Some(retained) = &report.retained {
+                        crate::metrics::global()
+                            .record_retention(&self.settings().stream, retained);
                     }
                     if report.interrupted {
                         return;

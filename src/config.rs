@@ -197,8 +197,14 @@ struct RawEntity {
     payload: Option<String>,
     /// Rows per call of the dedup script.
     chunk_rows: Option<usize>,
-    /// Approximate cap of the stream's length (`XADD MAXLEN ~`); 0 = no cap.
+    /// How many entries the stream keeps (of those every consumer group
+    /// acknowledged); 0 = no cap.
     max_stream_length: Option<u64>,
+    /// How old an entry may get (once every consumer group acknowledged it).
+    max_age: Option<String>,
+    /// Beyond this many entries the oldest go even if a group has not
+    /// acknowledged them (counted per group).
+    hard_max_stream_length: Option<u64>,
     /// Column whose true / non-zero / non-NULL value marks the row deleted (`op = delete`).
     delete_column: Option<String>,
     /// Text columns holding JSON, nested in the payload as JSON (MariaDB's `JSON`, SQLite, legacy TEXT).
@@ -364,7 +370,13 @@ pub struct EntitySettings {
     pub start: Start,
     pub payload: PayloadMode,
     pub chunk_rows: usize,
+    /// The stream's retention (the same for every entity on the stream):
+    /// entries kept, of those every consumer group acknowledged; 0 = no cap.
     pub max_stream_length: u64,
+    /// Acknowledged entries older than this go.
+    pub max_age: Option<Duration>,
+    /// Beyond this many entries the oldest go, acknowledged or not.
+    pub hard_max_stream_length: Option<u64>,
     pub delete_column: Option<String>,
     /// Text columns whose content is nested in the payload as JSON.
     pub json_columns: Vec<String>,
@@ -677,11 +689,15 @@ fn validate(path: &Path, base_dir: &Path, raw: RawConfig) -> Result<Config, Conf
     let agent = validate_agent(&mut problems, raw.agent);
 
     let mut entities = BTreeMap::new();
+    let mut retention = BTreeMap::new();
     for (name, e) in raw.entities {
+        let written = StreamRetention::written(&mut problems, &name, &e);
         if let Some(entity) = validate_entity(&mut problems, base_dir, &sources, &name, e) {
+            retention.insert(name.clone(), written);
             entities.insert(name, entity);
         }
     }
+    share_retention(&mut problems, &mut entities, &retention);
     if entities.is_empty() && problems.is_empty() {
         problems.push("no [entities.*] configured: nothing to poll".to_owned());
     }
@@ -943,7 +959,10 @@ fn validate_entity(
         start,
         payload,
         chunk_rows,
-        max_stream_length: e.max_stream_length.unwrap_or(DEFAULT_MAX_STREAM_LENGTH),
+        // Settled across the entities of the stream by share_retention().
+        max_stream_length: DEFAULT_MAX_STREAM_LENGTH,
+        max_age: None,
+        hard_max_stream_length: None,
         delete_column: e.delete_column,
         json_columns: e.json_columns,
         on_state_loss,
@@ -1068,6 +1087,142 @@ pub fn default_agent_id() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "highwater".to_owned());
     format!("{host}-{}", std::process::id())
+}
+
+/// The retention settings an entity wrote (`None`: left out).
+#[derive(Default)]
+struct StreamRetention {
+    max_stream_length: Option<u64>,
+    max_age: Option<Duration>,
+    hard_max_stream_length: Option<u64>,
+}
+
+impl StreamRetention {
+    fn written(problems: &mut Vec<String>, name: &str, e: &RawEntity) -> StreamRetention {
+        let field = format!("entities.{name}");
+        let max_age = e.max_age.as_deref().and_then(|text| {
+            match humantime::parse_duration(text) {
+                Ok(d) if d >= Duration::from_millis(1) => Some(d),
+                Ok(_) => {
+                    problems.push(format!(
+                        "{field}.max_age: {text:?} is shorter than a millisecond (stream ids count milliseconds); leave it out to keep entries of any age"
+                    ));
+                    None
+                }
+                Err(err) => {
+                    problems.push(format!(
+                        "{field}.max_age: {text:?} is not a duration ({err}); write e.g. \"7d\""
+                    ));
+                    None
+                }
+            }
+        });
+        if e.hard_max_stream_length == Some(0) {
+            problems.push(format!(
+                "{field}.hard_max_stream_length: must be at least 1; leave it out for no hard cap"
+            ));
+        }
+        StreamRetention {
+            max_stream_length: e.max_stream_length,
+            max_age,
+            hard_max_stream_length: e.hard_max_stream_length.filter(|&n| n > 0),
+        }
+    }
+}
+
+/// A stream's retention is one for all the entities that feed it: a value
+/// one of them writes applies to all; two of them writing different values
+/// is an error naming both; none writing it, the default.
+fn share_retention(
+    problems: &mut Vec<String>,
+    entities: &mut BTreeMap<String, EntitySettings>,
+    written: &BTreeMap<String, StreamRetention>,
+) {
+    /// The value entities of `stream` wrote for one setting, and who wrote it.
+    fn agreed<T: PartialEq + fmt::Debug + Copy>(
+        problems: &mut Vec<String>,
+        stream: &str,
+        setting: &str,
+        values: impl Iterator<Item = (String, Option<T>)>,
+        show: impl Fn(T) -> String,
+    ) -> Option<T> {
+        let mut first: Option<(String, T)> = None;
+        for (name, value) in values {
+            let Some(value) = value else { continue };
+            match &first {
+                None => first = Some((name, value)),
+                Some((other, v)) if *v != value => {
+                    problems.push(format!(
+                        "entities.{other}.{setting} = {} and entities.{name}.{setting} = {} differ, but both entities feed the stream {stream:?}, which has one retention: write it on one of them, or the same on both",
+                        show(*v),
+                        show(value)
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        first.map(|(_, v)| v)
+    }
+    let mut streams: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, e) in entities.iter() {
+        streams
+            .entry(e.stream.clone())
+            .or_default()
+            .push(name.clone());
+    }
+    for (stream, names) in streams {
+        let of = |pick: fn(&StreamRetention) -> Option<u64>| {
+            names
+                .iter()
+                .map(move |n| (n.clone(), written.get(n).and_then(pick)))
+        };
+        let max_length = agreed(
+            problems,
+            &stream,
+            "max_stream_length",
+            of(|r| r.max_stream_length),
+            |v| v.to_string(),
+        )
+        .unwrap_or(DEFAULT_MAX_STREAM_LENGTH);
+        let hard = agreed(
+            problems,
+            &stream,
+            "hard_max_stream_length",
+            of(|r| r.hard_max_stream_length),
+            |v| v.to_string(),
+        );
+        let max_age = agreed(
+            problems,
+            &stream,
+            "max_age",
+            names
+                .iter()
+                .map(|n| (n.clone(), written.get(n).and_then(|r| r.max_age))),
+            |v| format!("{:?}", humantime::format_duration(v).to_string()),
+        );
+        if let Some(hard) = hard.filter(|&h| max_length > 0 && h < max_length) {
+            let by = names
+                .iter()
+                .find(|n| {
+                    written
+                        .get(*n)
+                        .and_then(|r| r.hard_max_stream_length)
+                        .is_some()
+                })
+                .cloned()
+                .unwrap_or_default();
+            problems.push(format!(
+                "entities.{by}.hard_max_stream_length: {hard} is below max_stream_length ({max_length}) of the stream {stream:?}: the hard cap must leave room for what the stream keeps"
+            ));
+        }
+        for name in &names {
+            if let Some(e) = entities.get_mut(name) {
+                e.max_stream_length = max_length;
+                e.max_age = max_age;
+                e.hard_max_stream_length = hard;
+            }
+        }
+    }
 }
 
 fn duration_or(

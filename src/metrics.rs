@@ -73,6 +73,23 @@ pub const POLLING_PAUSED: &str = "highwater_polling_paused";
 /// sample without `maxmemory`). Gauge.
 pub const REDIS_MEMORY_RATIO: &str = "highwater_redis_memory_ratio";
 
+/// Entries of the stream not yet delivered to the group (`XINFO GROUPS`
+/// `lag`; no sample while Redis cannot tell). Gauge; labels stream, group.
+pub const GROUP_LAG: &str = "highwater_consumer_group_lag";
+/// Entries delivered to the group but not acknowledged. Gauge; labels stream, group.
+pub const GROUP_PENDING: &str = "highwater_consumer_group_pending";
+/// Age of the group's oldest pending entry, by its id (0 when none is
+/// pending). Gauge; labels stream, group.
+pub const GROUP_OLDEST_PENDING_AGE_SECONDS: &str =
+    "highwater_consumer_group_oldest_pending_age_seconds";
+/// Consumers in the group. Gauge; labels stream, group.
+pub const GROUP_CONSUMERS: &str = "highwater_consumer_group_consumers";
+/// Entries the hard cap (`hard_max_stream_length`) dropped before the group
+/// acknowledged them. Counter; labels stream, group.
+pub const STREAM_DROPPED_TOTAL: &str = "highwater_stream_entries_dropped_total";
+/// Entries the retention trimmed from the stream. Counter; label stream.
+pub const STREAM_TRIMMED_TOTAL: &str = "highwater_stream_entries_trimmed_total";
+
 /// Upper bounds of the cycle duration histogram's buckets, seconds.
 const DURATION_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -126,6 +143,17 @@ struct Registry {
     /// The memory watch's last reading: paused, and the ratio.
     paused: bool,
     memory_ratio: Option<f64>,
+    /// Per stream, what its retention did and found.
+    streams: BTreeMap<String, StreamMetrics>,
+}
+
+#[derive(Default)]
+struct StreamMetrics {
+    trimmed: u64,
+    /// The groups as last read (a group that was deleted goes).
+    groups: Vec<crate::sink::GroupFigures>,
+    /// Entries dropped unacknowledged, per group, since the agent started.
+    dropped: BTreeMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -272,6 +300,17 @@ impl Metrics {
         let mut registry = self.registry();
         registry.memory_ratio = ratio;
         registry.paused = paused;
+    }
+
+    /// Records what a stream's retention did, and its consumer groups.
+    pub fn record_retention(&self, stream: &str, retained: &crate::sink::Retained) {
+        let mut registry = self.registry();
+        let m = registry.streams.entry(stream.to_owned()).or_default();
+        m.trimmed += retained.trimmed;
+        for g in &retained.groups {
+            *m.dropped.entry(g.name.clone()).or_default() += g.dropped;
+        }
+        m.groups = retained.groups.clone();
     }
 
     /// Records the sizes of an entity's dedup set and stream.
@@ -563,6 +602,7 @@ impl Metrics {
                 escape(source)
             );
         }
+        render_streams(&mut out, &registry.streams);
         header(
             &mut out,
             POLLING_PAUSED,
@@ -591,6 +631,78 @@ impl Metrics {
             registry.redis_connection_errors
         );
         out
+    }
+}
+
+/// The streams' retention and consumer groups.
+fn render_streams(out: &mut String, streams: &BTreeMap<String, StreamMetrics>) {
+    type Value = fn(&crate::sink::GroupFigures) -> Option<f64>;
+    let gauges: [(&str, &str, Value); 4] = [
+        (
+            GROUP_LAG,
+            "Entries of the stream not yet delivered to the consumer group (no sample while Redis cannot tell).",
+            |g| g.lag.map(|l| l as f64),
+        ),
+        (
+            GROUP_PENDING,
+            "Entries delivered to the consumer group but not acknowledged.",
+            |g| Some(g.pending as f64),
+        ),
+        (
+            GROUP_OLDEST_PENDING_AGE_SECONDS,
+            "Age of the consumer group's oldest pending entry, by its id (0 when none is pending).",
+            |g| Some(g.oldest_pending_age_ms.unwrap_or(0) as f64 / 1000.0),
+        ),
+        (
+            GROUP_CONSUMERS,
+            "Consumers in the consumer group.",
+            |g| Some(g.consumers as f64),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        header(out, name, "gauge", help);
+        for (stream, m) in streams {
+            for g in &m.groups {
+                if let Some(v) = value(g) {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{stream=\"{}\",group=\"{}\"}} {v}",
+                        escape(stream),
+                        escape(&g.name)
+                    );
+                }
+            }
+        }
+    }
+    header(
+        out,
+        STREAM_DROPPED_TOTAL,
+        "counter",
+        "Entries hard_max_stream_length dropped before the consumer group acknowledged them.",
+    );
+    for (stream, m) in streams {
+        for (group, n) in &m.dropped {
+            let _ = writeln!(
+                out,
+                "{STREAM_DROPPED_TOTAL}{{stream=\"{}\",group=\"{}\"}} {n}",
+                escape(stream),
+                escape(group)
+            );
+        }
+    }
+    header(
+        out,
+        STREAM_TRIMMED_TOTAL,
+        "counter",
+        "Entries the retention trimmed from the stream (max_stream_length, max_age, hard_max_stream_length).",
+    );
+    for (stream, m) in streams {
+        let _ = writeln!(
+            out,
+            "{STREAM_TRIMMED_TOTAL}{{stream=\"{}\"}} {}",
+            escape(stream),
+            m.trimmed
+        );
     }
 }
 
@@ -649,6 +761,7 @@ mod tests {
             interrupted: false,
             started_at_ms: 1_700_000_000_000,
             sizes: Some((rows, rows)),
+            retained: None,
             extension: 0,
             horizon: None,
             beyond_max: false,

@@ -16,7 +16,16 @@ use crate::change::Change;
 use crate::config::{mask_url, EntitySettings, RedisSettings};
 
 const DEDUP_LUA: &str = include_str!("../lua/dedup.lua");
-const COMMIT_LUA: &str = include_str!("../lua/commit.lua");
+/// The stream's retention, a function the commit and retain scripts call.
+const RETENTION_LUA: &str = include_str!("../lua/retention.lua");
+const COMMIT_LUA: &str = concat!(
+    include_str!("../lua/retention.lua"),
+    include_str!("../lua/commit.lua")
+);
+const RETAIN_LUA: &str = concat!(
+    include_str!("../lua/retention.lua"),
+    include_str!("../lua/retain.lua")
+);
 const BEGIN_LUA: &str = include_str!("../lua/begin.lua");
 /// Members trimmed per call of the commit script.
 const TRIM_BATCH: usize = 10_000;
@@ -133,10 +142,12 @@ fn is_transient_redis(error: &redis::RedisError) -> bool {
 }
 
 /// Every script highwater runs, by file: a command a script calls that Redis
-/// 7.0 refuses is named only by the script's SHA1 and the line.
-const SCRIPT_FILES: [(&str, &str); 5] = [
+/// 7.0 refuses is named only by the script's SHA1 and the line. The commit
+/// and retain scripts begin with lua/retention.lua.
+const SCRIPT_FILES: [(&str, &str); 6] = [
     ("lua/dedup.lua", DEDUP_LUA),
     ("lua/commit.lua", COMMIT_LUA),
+    ("lua/retain.lua", RETAIN_LUA),
     ("lua/begin.lua", BEGIN_LUA),
     ("lua/lease.lua", include_str!("../lua/lease.lua")),
     ("lua/agents.lua", include_str!("../lua/agents.lua")),
@@ -209,6 +220,12 @@ fn script_line(detail: &str) -> Option<(&'static str, usize, Vec<String>)> {
         .iter()
         .find(|(_, source)| Script::new(source).get_hash() == sha.trim())?;
     let text = source.lines().nth(line.checked_sub(1)?)?;
+    let shared = RETENTION_LUA.lines().count();
+    let (file, line) = match source.starts_with(RETENTION_LUA) {
+        true if line <= shared => ("lua/retention.lua", line),
+        true => (*file, line - shared),
+        false => (*file, line),
+    };
     let calls = text
         .split("redis.call(")
         .skip(1)
@@ -232,6 +249,9 @@ pub struct EntityKeys {
     pub lease: String,
     /// The last lease token issued; never expires.
     pub tokens: String,
+    /// Per consumer group of the stream, how many entries the hard cap
+    /// dropped before the group acknowledged them (lua/retention.lua).
+    pub dropped: String,
 }
 
 impl EntityKeys {
@@ -244,6 +264,7 @@ impl EntityKeys {
             state: format!("{prefix}:{{{tag}}}:state:{entity}"),
             lease: format!("{prefix}:{{{tag}}}:lease:{entity}"),
             tokens: format!("{prefix}:{{{tag}}}:tokens:{entity}"),
+            dropped: format!("{prefix}:{{{tag}}}:dropped:{stream}"),
         }
     }
 }
@@ -332,13 +353,90 @@ pub struct Commit<'a> {
 
 /// What [`Sink::commit`] left: the watermark now stored (`None`: never set)
 /// and the sizes after the trim.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Committed {
     pub watermark: Option<i64>,
     /// Keys in the dedup set.
     pub dedup_keys: u64,
     /// Entries in the stream (all variants).
     pub stream_entries: u64,
+    /// What the stream's retention did, and the consumer groups.
+    pub retained: Retained,
+}
+
+/// What the stream's retention (lua/retention.lua) did, and what it found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Retained {
+    /// Entries trimmed from the stream.
+    pub trimmed: u64,
+    /// The stream's consumer groups, as they were before the trim.
+    pub groups: Vec<GroupFigures>,
+}
+
+/// A consumer group of a stream, as the retention read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupFigures {
+    pub name: String,
+    /// Entries not yet delivered (`XINFO GROUPS` `lag`); `None` when Redis
+    /// cannot tell (entries were deleted or trimmed in the unread range).
+    pub lag: Option<u64>,
+    /// Delivered but not acknowledged.
+    pub pending: u64,
+    /// How long ago the oldest pending entry was added, by Redis's clock.
+    pub oldest_pending_age_ms: Option<u64>,
+    pub consumers: u64,
+    pub last_delivered_id: String,
+    /// Entries the hard cap dropped in this call before the group
+    /// acknowledged them.
+    pub dropped: u64,
+}
+
+/// One group as lua/retention.lua returns it: name, lag (-1: unknown),
+/// pending, oldest pending age in ms (-1: none), consumers, last-delivered
+/// id, dropped.
+type RawGroup = (String, i64, u64, i64, u64, String, u64);
+
+impl Retained {
+    /// Adds one call's reply; the groups are those of the first call.
+    fn add(&mut self, trimmed: u64, groups: Vec<RawGroup>) {
+        self.trimmed += trimmed;
+        if self.groups.is_empty() {
+            self.groups = groups
+                .into_iter()
+                .map(
+                    |(name, lag, pending, age, consumers, last_delivered_id, dropped)| {
+                        GroupFigures {
+                            name,
+                            lag: u64::try_from(lag).ok(),
+                            pending,
+                            oldest_pending_age_ms: u64::try_from(age).ok(),
+                            consumers,
+                            last_delivered_id,
+                            dropped,
+                        }
+                    },
+                )
+                .collect();
+        } else {
+            for (name, .., dropped) in groups {
+                if let Some(g) = self.groups.iter_mut().find(|g| g.name == name) {
+                    g.dropped += dropped;
+                }
+            }
+        }
+    }
+}
+
+/// The retention arguments of the commit and retain scripts:
+/// max_stream_length, max_age in ms, hard_max_stream_length (0 = none).
+fn retention_args(entity: &EntitySettings) -> [u64; 3] {
+    [
+        entity.max_stream_length,
+        entity
+            .max_age
+            .map_or(0, |age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
+        entity.hard_max_stream_length.unwrap_or(0),
+    ]
 }
 
 /// Where a chunk stands among the chunks of its cycle that are in flight
@@ -362,6 +460,7 @@ pub struct Sink {
     prefix: String,
     dedup: Script,
     commit: Script,
+    retain: Script,
     begin: Script,
 }
 
@@ -396,6 +495,7 @@ impl Sink {
             prefix: settings.key_prefix.clone(),
             dedup: Script::new(DEDUP_LUA),
             commit: Script::new(COMMIT_LUA),
+            retain: Script::new(RETAIN_LUA),
             begin: Script::new(BEGIN_LUA),
         })
     }
@@ -651,6 +751,7 @@ impl Sink {
         let candidate = candidate.map(|c| c.to_string()).unwrap_or_default();
         let trim_below = trim_below.map(|c| c.to_string()).unwrap_or_default();
         let mut first = true;
+        let mut retained = Retained::default();
         loop {
             let mut invocation = self.commit.prepare_invoke();
             invocation
@@ -659,11 +760,13 @@ impl Sink {
                 .key(&keys.digest)
                 .key(&keys.lease)
                 .key(&keys.stream)
+                .key(&keys.dropped)
                 .arg(&candidate)
                 .arg(&trim_below)
                 .arg(TRIM_BATCH)
                 .arg(if expect_state || !first { "1" } else { "0" })
-                .arg(fence.unwrap_or(""));
+                .arg(fence.unwrap_or(""))
+                .arg(&retention_args(entity)[..]);
             if first {
                 invocation
                     .arg("last_started_at_ms")
@@ -692,17 +795,19 @@ impl Sink {
                             .unwrap_or_default(),
                     );
             }
-            let committed: Option<(Option<String>, usize, u64, u64)> = invocation
+            type Reply = (Option<String>, usize, u64, u64, u64, u8, Vec<RawGroup>);
+            let committed: Option<Reply> = invocation
                 .invoke_async(&mut conn)
                 .await
                 .map_err(|error| fenced_or(&entity.name, "the commit script", error))?;
-            let (watermark, trimmed, dedup_keys, stream_entries) =
+            let (watermark, trimmed, dedup_keys, stream_entries, stream_trimmed, more, groups) =
                 committed.ok_or_else(|| SinkError::StateVanished {
                     entity: entity.name.clone(),
                     action: "the commit script",
                 })?;
             first = false;
-            if trimmed < TRIM_BATCH {
+            retained.add(stream_trimmed, groups);
+            if trimmed < TRIM_BATCH && more == 0 {
                 let watermark = watermark
                     .map(|w| {
                         w.parse::<i64>().map_err(|_| SinkError::Reply {
@@ -716,7 +821,41 @@ impl Sink {
                     watermark,
                     dedup_keys,
                     stream_entries,
+                    retained,
                 });
+            }
+        }
+    }
+
+    /// Applies the stream's retention alone (lua/retain.lua), as the commit
+    /// does: while polling is paused no cycle commits, and entries the
+    /// groups acknowledge must still go for Redis memory to come down.
+    /// Unfenced: the retention only removes what its rules allow, whoever
+    /// applies them.
+    pub async fn retain(
+        &self,
+        entity: &EntitySettings,
+        keys: &EntityKeys,
+    ) -> Result<Retained, SinkError> {
+        let mut conn = self.conn.clone();
+        let mut retained = Retained::default();
+        loop {
+            let (trimmed, more, groups): (u64, u8, Vec<RawGroup>) = self
+                .retain
+                .key(&keys.stream)
+                .key(&keys.dropped)
+                .arg(&retention_args(entity)[..])
+                .arg(TRIM_BATCH)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|error| SinkError::Command {
+                    entity: entity.name.clone(),
+                    action: "the retain script",
+                    error,
+                })?;
+            retained.add(trimmed, groups);
+            if more == 0 {
+                return Ok(retained);
             }
         }
     }

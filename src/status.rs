@@ -130,6 +130,9 @@ pub struct GroupStatus {
     pub oldest_pending_age_seconds: Option<f64>,
     pub consumers: u64,
     pub last_delivered_id: String,
+    /// Entries `hard_max_stream_length` dropped before the group
+    /// acknowledged them, ever (kept in Redis).
+    pub dropped: u64,
 }
 
 /// The last committed cycle's window: the look-back, and how much an open
@@ -324,12 +327,12 @@ async fn entity_status(
         dedup_keys,
         stream_length,
         last_entry_id: last.ids.first().map(|entry| entry.id.clone()),
-        consumer_groups: consumer_groups(&mut conn, &keys.stream)
-            .await
-            .map_err(|error| StatusError::Read {
+        consumer_groups: consumer_groups(&mut conn, &keys).await.map_err(|error| {
+            StatusError::Read {
                 entity: entity.name.clone(),
                 error,
-            })?,
+            }
+        })?,
         window: (entity.cursor_kind == CursorKind::Time && watermark_epoch.is_some()).then(|| {
             WindowStatus {
                 lookback_seconds: entity.lookback as f64 / 1e6,
@@ -356,12 +359,14 @@ async fn entity_status(
 /// `check` reports a key that is not a stream).
 async fn consumer_groups(
     conn: &mut redis::aio::ConnectionManager,
-    stream: &str,
+    keys: &crate::sink::EntityKeys,
 ) -> Result<Vec<GroupStatus>, redis::RedisError> {
+    let stream = &keys.stream;
     let kind: String = redis::cmd("TYPE").arg(stream).query_async(conn).await?;
     if kind != "stream" {
         return Ok(Vec::new());
     }
+    let dropped: HashMap<String, u64> = redis::AsyncCommands::hgetall(conn, &keys.dropped).await?;
     let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(stream)
@@ -406,6 +411,7 @@ async fn consumer_groups(
             oldest_pending_age_seconds,
             consumers: number("consumers").unwrap_or(0),
             last_delivered_id: text("last-delivered-id"),
+            dropped: dropped.get(&name).copied().unwrap_or(0),
             name,
         });
     }
@@ -463,8 +469,12 @@ pub fn render_text(status: &Status) -> String {
             let oldest = g
                 .oldest_pending_age_seconds
                 .map_or_else(String::new, |age| format!(" (oldest {age:.1}s old)"));
+            let dropped = match g.dropped {
+                0 => String::new(),
+                n => format!("; {n} dropped unacknowledged by hard_max_stream_length"),
+            };
             out.push_str(&format!(
-                "  group         {}: {lag}, {} pending{oldest}, {} consumers, last delivered {}\n",
+                "  group         {}: {lag}, {} pending{oldest}, {} consumers, last delivered {}{dropped}\n",
                 g.name, g.pending, g.consumers, g.last_delivered_id
             ));
         }

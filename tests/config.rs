@@ -552,3 +552,85 @@ async fn a_password_from_a_secret_file_reaches_no_output() {
         assert!(all.contains(masked), "{masked} not printed:\n{all}");
     }
 }
+
+/// [`ORDERS`] and a second entity `refunds` on the same stream, each with
+/// its own extra lines.
+fn two_on_one_stream(env: &Env, orders: &str, refunds: &str) -> PathBuf {
+    let body = format!(
+        "{}stream = \"sales\"\n{orders}\n\n[entities.refunds]\nsource = \"db\"\nquery = \"SELECT id, updated_at FROM refunds WHERE updated_at >= :since\"\nkey = \"id\"\ncursor = \"updated_at\"\nlookback = \"5m\"\nevery = \"10s\"\nstream = \"sales\"\n{refunds}\n",
+        ORDERS
+    );
+    env.config(&own_database(env, &body))
+}
+
+#[test]
+fn entities_on_one_stream_with_different_retention_are_refused_naming_both() {
+    let env = Env::new();
+    let config = two_on_one_stream(&env, "max_stream_length = 1000", "max_stream_length = 5000");
+    let error = error_of(&config);
+    assert!(
+        error.contains(r#"entities.orders.max_stream_length = 1000 and entities.refunds.max_stream_length = 5000 differ, but both entities feed the stream "sales""#),
+        "{error}"
+    );
+    let config = two_on_one_stream(&env, "max_age = \"7d\"", "max_age = \"1d\"");
+    let error = error_of(&config);
+    assert!(
+        error.contains(
+            r#"entities.orders.max_age = "7days" and entities.refunds.max_age = "1day" differ"#
+        ),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_retention_setting_written_on_one_entity_of_a_stream_applies_to_all_of_them() {
+    let env = Env::new();
+    // The same age written two ways is the same setting.
+    let path = two_on_one_stream(
+        &env,
+        "max_stream_length = 1000\nmax_age = \"7d\"\nhard_max_stream_length = 5000",
+        "max_age = \"168h\"",
+    );
+    let config = highwater::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    for name in ["orders", "refunds"] {
+        let e = &config.entities[name];
+        assert_eq!(e.max_stream_length, 1000, "{name}");
+        assert_eq!(e.max_age, Some(Duration::from_secs(7 * 86_400)), "{name}");
+        assert_eq!(e.hard_max_stream_length, Some(5000), "{name}");
+    }
+}
+
+#[test]
+fn a_hard_cap_below_max_stream_length_or_a_bad_max_age_is_refused() {
+    let env = Env::new();
+    let config = orders_with(
+        &env,
+        "every = \"10s\"",
+        "every = \"10s\"\nmax_stream_length = 1000\nhard_max_stream_length = 500",
+    );
+    let error = error_of(&config);
+    assert!(
+        error.contains(r#"entities.orders.hard_max_stream_length: 500 is below max_stream_length (1000) of the stream "orders""#),
+        "{error}"
+    );
+    let config = orders_with(
+        &env,
+        "every = \"10s\"",
+        "every = \"10s\"\nmax_age = \"a week\"",
+    );
+    let error = error_of(&config);
+    assert!(
+        error.contains(r#"entities.orders.max_age: "a week" is not a duration"#),
+        "{error}"
+    );
+    let config = orders_with(
+        &env,
+        "every = \"10s\"",
+        "every = \"10s\"\nhard_max_stream_length = 0",
+    );
+    let error = error_of(&config);
+    assert!(
+        error.contains("entities.orders.hard_max_stream_length: must be at least 1"),
+        "{error}"
+    );
+}
