@@ -542,7 +542,11 @@ impl EntityTask {
                 match self.sink.retain(entity, &keys).await {
                     Ok(retained) => {
                         crate::poller::log_dropped(entity, &retained);
-                        crate::metrics::global().record_retention(&entity.stream, &retained);
+                        crate::metrics::global().record_retention(
+                            &entity.name,
+                            &entity.stream,
+                            &retained,
+                        );
                         failed = false;
                     }
                     // Once per run of failures: the memory watch says how Redis is.
@@ -638,8 +642,11 @@ impl EntityTask {
                         );
                     }
                     if let Some(retained) = &report.retained {
-                        crate::metrics::global()
-                            .record_retention(&self.settings().stream, retained);
+                        crate::metrics::global().record_retention(
+                            &self.entity,
+                            &self.settings().stream,
+                            retained,
+                        );
                     }
                     if report.interrupted {
                         return;

@@ -149,6 +149,9 @@ struct Registry {
 
 #[derive(Default)]
 struct StreamMetrics {
+    /// The entities that recorded it: its groups are shown while this agent
+    /// holds one of their leases (a former holder's reading goes stale).
+    entities: std::collections::BTreeSet<String>,
     trimmed: u64,
     /// The groups as last read (a group that was deleted goes).
     groups: Vec<crate::sink::GroupFigures>,
@@ -303,9 +306,10 @@ impl Metrics {
     }
 
     /// Records what a stream's retention did, and its consumer groups.
-    pub fn record_retention(&self, stream: &str, retained: &crate::sink::Retained) {
+    pub fn record_retention(&self, entity: &str, stream: &str, retained: &crate::sink::Retained) {
         let mut registry = self.registry();
         let m = registry.streams.entry(stream.to_owned()).or_default();
+        m.entities.insert(entity.to_owned());
         m.trimmed += retained.trimmed;
         for g in &retained.groups {
             *m.dropped.entry(g.name.clone()).or_default() += g.dropped;
@@ -602,7 +606,7 @@ impl Metrics {
                 escape(source)
             );
         }
-        render_streams(&mut out, &registry.streams);
+        render_streams(&mut out, &registry.streams, entities);
         header(
             &mut out,
             POLLING_PAUSED,
@@ -635,7 +639,16 @@ impl Metrics {
 }
 
 /// The streams' retention and consumer groups.
-fn render_streams(out: &mut String, streams: &BTreeMap<String, StreamMetrics>) {
+fn render_streams(
+    out: &mut String,
+    streams: &BTreeMap<String, StreamMetrics>,
+    entities: &BTreeMap<String, EntityMetrics>,
+) {
+    let current = |m: &StreamMetrics| {
+        m.entities
+            .iter()
+            .any(|e| entities.get(e).is_some_and(|e| e.lease_held))
+    };
     type Value = fn(&crate::sink::GroupFigures) -> Option<f64>;
     let gauges: [(&str, &str, Value); 4] = [
         (
@@ -661,7 +674,7 @@ fn render_streams(out: &mut String, streams: &BTreeMap<String, StreamMetrics>) {
     ];
     for (name, help, value) in gauges {
         header(out, name, "gauge", help);
-        for (stream, m) in streams {
+        for (stream, m) in streams.iter().filter(|(_, m)| current(m)) {
             for g in &m.groups {
                 if let Some(v) = value(g) {
                     let _ = writeln!(
@@ -791,6 +804,46 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
         }
         assert!(!text.contains("highwater_watermark_version{"));
+    }
+
+    #[test]
+    fn a_streams_groups_show_while_the_agent_holds_an_entity_that_feeds_it() {
+        let metrics = Metrics::default();
+        metrics.register_entity("orders", CursorKind::Time);
+        let group = |dropped| crate::sink::GroupFigures {
+            name: "indexer".to_owned(),
+            lag: Some(7),
+            pending: 3,
+            oldest_pending_age_ms: Some(2500),
+            consumers: 2,
+            last_delivered_id: "1-1".to_owned(),
+            dropped,
+        };
+        let retained = |dropped| crate::sink::Retained {
+            trimmed: 10,
+            groups: vec![group(dropped)],
+        };
+        metrics.record_lease_held("orders", true);
+        metrics.record_retention("orders", "sales", &retained(4));
+        metrics.record_retention("orders", "sales", &retained(1));
+        let text = metrics.render();
+        for line in [
+            "highwater_consumer_group_lag{stream=\"sales\",group=\"indexer\"} 7",
+            "highwater_consumer_group_pending{stream=\"sales\",group=\"indexer\"} 3",
+            "highwater_consumer_group_oldest_pending_age_seconds{stream=\"sales\",group=\"indexer\"} 2.5",
+            "highwater_consumer_group_consumers{stream=\"sales\",group=\"indexer\"} 2",
+            "highwater_stream_entries_dropped_total{stream=\"sales\",group=\"indexer\"} 5",
+            "highwater_stream_entries_trimmed_total{stream=\"sales\"} 20",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+        }
+        // Another agent took the entity over: this one's reading is stale.
+        metrics.record_lease_held("orders", false);
+        let text = metrics.render();
+        assert!(!text.contains("highwater_consumer_group_lag{"), "{text}");
+        assert!(text.contains(
+            "highwater_stream_entries_dropped_total{stream=\"sales\",group=\"indexer\"} 5"
+        ));
     }
 
     #[test]
