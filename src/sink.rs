@@ -977,19 +977,47 @@ mod tests {
         };
         assert!(!failed.is_transient());
 
-        // Redis 7.0 names only the script and the line: line 96 of dedup.lua calls XADD.
+        // Redis 7.0 names only the script and the line: line 104 of dedup.lua calls XADD.
         let sha = Script::new(DEDUP_LUA).get_hash().to_owned();
         let in_script = refused(
             "ERR",
-            &format!("The user executing the script can't run this command or subcommand script: {sha}, on @user_script:96."),
+            &format!("The user executing the script can't run this command or subcommand script: {sha}, on @user_script:104."),
         );
         assert!(describe(&in_script).starts_with(
-            "redis refused the command XADD at lua/dedup.lua line 96 (The user executing the script"
+            "redis refused the command XADD at lua/dedup.lua line 104 (The user executing the script"
         ));
+        // The commit script begins with lua/retention.lua: a line is named
+        // in the file it comes from.
+        let sha = Script::new(COMMIT_LUA).get_hash().to_owned();
+        let shared = RETENTION_LUA.lines().count();
+        let xtrim = 1 + RETENTION_LUA
+            .lines()
+            .position(|l| l.contains("redis.call('XTRIM', stream, 'MAXLEN'"))
+            .expect("an XTRIM line");
+        let zcard = 1 + include_str!("../lua/commit.lua")
+            .lines()
+            .position(|l| l.contains("redis.call('ZCARD'"))
+            .expect("a ZCARD line");
+        for (line, says) in [
+            (
+                xtrim,
+                format!("the command XTRIM at lua/retention.lua line {xtrim} ("),
+            ),
+            (
+                shared + zcard,
+                format!("the command ZCARD at lua/commit.lua line {zcard} ("),
+            ),
+        ] {
+            let refusal = refused(
+                "ERR",
+                &format!("The user executing the script can't run this command or subcommand script: {sha}, on @user_script:{line}."),
+            );
+            assert!(describe(&refusal).contains(&says), "{}", describe(&refusal));
+        }
         // Redis 7.2 names the command too.
         let newer = refused(
             "ERR",
-            &format!("ACL failure in script: User highwater has no permissions to run the 'time' command script: {}, on @user_script:23.", Script::new(SCRIPT_FILES[4].1).get_hash()),
+            &format!("ACL failure in script: User highwater has no permissions to run the 'time' command script: {}, on @user_script:23.", Script::new(SCRIPT_FILES[5].1).get_hash()),
         );
         assert!(describe(&newer)
             .starts_with("redis refused the command TIME at lua/agents.lua line 23 (ACL failure"));

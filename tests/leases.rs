@@ -515,8 +515,14 @@ async fn once_skips_an_entity_another_agent_holds_and_waits_for_it_with_wait() {
 // ---------------------------------------------------------------------------
 
 fn script(name: &str) -> redis::Script {
-    let path = format!("{}/lua/{name}", env!("CARGO_MANIFEST_DIR"));
-    redis::Script::new(&std::fs::read_to_string(path).unwrap())
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("{}/lua/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    };
+    // The commit script begins with the retention it calls (src/sink.rs).
+    match name {
+        "commit.lua" => redis::Script::new(&(read("retention.lua") + &read(name))),
+        _ => redis::Script::new(&read(name)),
+    }
 }
 
 struct Keys {
@@ -623,7 +629,11 @@ async fn dedup(k: &Keys, lease: &str, pkey: &str, digest: &str) -> redis::RedisR
         .await
 }
 
-async fn commit(k: &Keys, lease: &str) -> redis::RedisResult<(Option<String>, i64, i64, i64)> {
+/// The commit script's reply: watermark, trimmed, tracked, stream length,
+/// then the retention's three values.
+type CommitReply = (Option<String>, i64, i64, i64, i64, i64, Vec<redis::Value>);
+
+async fn commit(k: &Keys, lease: &str) -> redis::RedisResult<CommitReply> {
     let mut conn = redis_conn().await;
     script("commit.lua")
         .key(&k.state)
@@ -631,11 +641,15 @@ async fn commit(k: &Keys, lease: &str) -> redis::RedisResult<(Option<String>, i6
         .key(&k.digest)
         .key(&k.lease)
         .key(&k.stream)
+        .key(format!("{}:dropped", k.state))
         .arg(5_000_000)
         .arg(10_000_000)
         .arg(1000)
         .arg("1")
         .arg(lease)
+        .arg(0)
+        .arg(0)
+        .arg(0)
         .arg("last_rows")
         .arg(1)
         .invoke_async(&mut conn)
