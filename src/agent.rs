@@ -541,7 +541,7 @@ impl EntityTask {
                 let keys = self.sink.keys(entity);
                 match self.sink.retain(entity, &keys).await {
                     Ok(retained) => {
-                        crate::poller::log_dropped(entity, &retained);
+                        crate::retention::log_dropped(entity, &retained);
                         crate::metrics::global().record_retention(
                             &entity.name,
                             &entity.stream,

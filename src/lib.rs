@@ -24,6 +24,8 @@ pub mod metrics;
 pub mod poller;
 /// Progress of long cycles: a live line on a terminal, log lines otherwise.
 pub mod progress;
+/// Stream retention that waits for consumer groups: the scripts' arguments and reports.
+pub mod retention;
 /// Cron and interval schedules.
 pub mod schedule;
 /// Redis: the dedup and commit scripts, the stream, the state keys.

@@ -154,7 +154,7 @@ struct StreamMetrics {
     entities: std::collections::BTreeSet<String>,
     trimmed: u64,
     /// The groups as last read (a group that was deleted goes).
-    groups: Vec<crate::sink::GroupFigures>,
+    groups: Vec<crate::retention::GroupFigures>,
     /// Entries dropped unacknowledged, per group, since the agent started.
     dropped: BTreeMap<String, u64>,
 }
@@ -306,7 +306,12 @@ impl Metrics {
     }
 
     /// Records what a stream's retention did, and its consumer groups.
-    pub fn record_retention(&self, entity: &str, stream: &str, retained: &crate::sink::Retained) {
+    pub fn record_retention(
+        &self,
+        entity: &str,
+        stream: &str,
+        retained: &crate::retention::Retained,
+    ) {
         let mut registry = self.registry();
         let m = registry.streams.entry(stream.to_owned()).or_default();
         m.entities.insert(entity.to_owned());
@@ -649,7 +654,7 @@ fn render_streams(
             .iter()
             .any(|e| entities.get(e).is_some_and(|e| e.lease_held))
     };
-    type Value = fn(&crate::sink::GroupFigures) -> Option<f64>;
+    type Value = fn(&crate::retention::GroupFigures) -> Option<f64>;
     let gauges: [(&str, &str, Value); 4] = [
         (
             GROUP_LAG,
@@ -810,7 +815,7 @@ mod tests {
     fn a_streams_groups_show_while_the_agent_holds_an_entity_that_feeds_it() {
         let metrics = Metrics::default();
         metrics.register_entity("orders", CursorKind::Time);
-        let group = |dropped| crate::sink::GroupFigures {
+        let group = |dropped| crate::retention::GroupFigures {
             name: "indexer".to_owned(),
             lag: Some(7),
             pending: 3,
@@ -819,7 +824,7 @@ mod tests {
             last_delivered_id: "1-1".to_owned(),
             dropped,
         };
-        let retained = |dropped| crate::sink::Retained {
+        let retained = |dropped| crate::retention::Retained {
             trimmed: 10,
             groups: vec![group(dropped)],
         };

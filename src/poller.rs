@@ -344,7 +344,7 @@ pub struct CycleReport {
     /// (`None`: the cycle did not commit).
     pub sizes: Option<(u64, u64)>,
     /// What the commit's stream retention did (`None`: the cycle did not commit).
-    pub retained: Option<crate::sink::Retained>,
+    pub retained: Option<crate::retention::Retained>,
     /// How much earlier than `W - lookback` the window started
     /// (microseconds): an open transaction stretched it.
     pub extension: i64,
@@ -682,7 +682,7 @@ pub async fn run_cycle(
             .map_err(|e| state_vanished(entity, memory, e))?;
         report.watermark = committed.watermark;
         report.sizes = Some((committed.dedup_keys, committed.stream_entries));
-        log_dropped(entity, &committed.retained);
+        crate::retention::log_dropped(entity, &committed.retained);
         report.retained = Some(committed.retained);
         memory.had_state = true;
     } else {
@@ -690,20 +690,6 @@ pub async fn run_cycle(
     }
     report.duration = started.elapsed();
     Ok(report)
-}
-
-/// Warns of every entry the hard cap dropped before a group acknowledged it.
-pub fn log_dropped(entity: &EntitySettings, retained: &crate::sink::Retained) {
-    for g in retained.groups.iter().filter(|g| g.dropped > 0) {
-        tracing::warn!(
-            entity = %entity.name,
-            stream = %entity.stream,
-            group = %g.name,
-            dropped = g.dropped,
-            hard_max_stream_length = entity.hard_max_stream_length.unwrap_or(0),
-            "the stream is at hard_max_stream_length: entries the group had not acknowledged were dropped"
-        );
-    }
 }
 
 /// A sink error, unless it says the state vanished during the cycle: then

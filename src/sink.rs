@@ -361,82 +361,7 @@ pub struct Committed {
     /// Entries in the stream (all variants).
     pub stream_entries: u64,
     /// What the stream's retention did, and the consumer groups.
-    pub retained: Retained,
-}
-
-/// What the stream's retention (lua/retention.lua) did, and what it found.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Retained {
-    /// Entries trimmed from the stream.
-    pub trimmed: u64,
-    /// The stream's consumer groups, as they were before the trim.
-    pub groups: Vec<GroupFigures>,
-}
-
-/// A consumer group of a stream, as the retention read it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupFigures {
-    pub name: String,
-    /// Entries not yet delivered (`XINFO GROUPS` `lag`); `None` when Redis
-    /// cannot tell (entries were deleted or trimmed in the unread range).
-    pub lag: Option<u64>,
-    /// Delivered but not acknowledged.
-    pub pending: u64,
-    /// How long ago the oldest pending entry was added, by Redis's clock.
-    pub oldest_pending_age_ms: Option<u64>,
-    pub consumers: u64,
-    pub last_delivered_id: String,
-    /// Entries the hard cap dropped in this call before the group
-    /// acknowledged them.
-    pub dropped: u64,
-}
-
-/// One group as lua/retention.lua returns it: name, lag (-1: unknown),
-/// pending, oldest pending age in ms (-1: none), consumers, last-delivered
-/// id, dropped.
-type RawGroup = (String, i64, u64, i64, u64, String, u64);
-
-impl Retained {
-    /// Adds one call's reply; the groups are those of the first call.
-    fn add(&mut self, trimmed: u64, groups: Vec<RawGroup>) {
-        self.trimmed += trimmed;
-        if self.groups.is_empty() {
-            self.groups = groups
-                .into_iter()
-                .map(
-                    |(name, lag, pending, age, consumers, last_delivered_id, dropped)| {
-                        GroupFigures {
-                            name,
-                            lag: u64::try_from(lag).ok(),
-                            pending,
-                            oldest_pending_age_ms: u64::try_from(age).ok(),
-                            consumers,
-                            last_delivered_id,
-                            dropped,
-                        }
-                    },
-                )
-                .collect();
-        } else {
-            for (name, .., dropped) in groups {
-                if let Some(g) = self.groups.iter_mut().find(|g| g.name == name) {
-                    g.dropped += dropped;
-                }
-            }
-        }
-    }
-}
-
-/// The retention arguments of the commit and retain scripts:
-/// max_stream_length, max_age in ms, hard_max_stream_length (0 = none).
-fn retention_args(entity: &EntitySettings) -> [u64; 3] {
-    [
-        entity.max_stream_length,
-        entity
-            .max_age
-            .map_or(0, |age| u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
-        entity.hard_max_stream_length.unwrap_or(0),
-    ]
+    pub retained: crate::retention::Retained,
 }
 
 /// Where a chunk stands among the chunks of its cycle that are in flight
@@ -751,7 +676,7 @@ impl Sink {
         let candidate = candidate.map(|c| c.to_string()).unwrap_or_default();
         let trim_below = trim_below.map(|c| c.to_string()).unwrap_or_default();
         let mut first = true;
-        let mut retained = Retained::default();
+        let mut retained = crate::retention::Retained::default();
         loop {
             let mut invocation = self.commit.prepare_invoke();
             invocation
@@ -766,7 +691,7 @@ impl Sink {
                 .arg(TRIM_BATCH)
                 .arg(if expect_state || !first { "1" } else { "0" })
                 .arg(fence.unwrap_or(""))
-                .arg(&retention_args(entity)[..]);
+                .arg(&crate::retention::args(entity)[..]);
             if first {
                 invocation
                     .arg("last_started_at_ms")
@@ -795,7 +720,15 @@ impl Sink {
                             .unwrap_or_default(),
                     );
             }
-            type Reply = (Option<String>, usize, u64, u64, u64, u8, Vec<RawGroup>);
+            type Reply = (
+                Option<String>,
+                usize,
+                u64,
+                u64,
+                u64,
+                u8,
+                Vec<crate::retention::RawGroup>,
+            );
             let committed: Option<Reply> = invocation
                 .invoke_async(&mut conn)
                 .await
@@ -836,15 +769,15 @@ impl Sink {
         &self,
         entity: &EntitySettings,
         keys: &EntityKeys,
-    ) -> Result<Retained, SinkError> {
+    ) -> Result<crate::retention::Retained, SinkError> {
         let mut conn = self.conn.clone();
-        let mut retained = Retained::default();
+        let mut retained = crate::retention::Retained::default();
         loop {
-            let (trimmed, more, groups): (u64, u8, Vec<RawGroup>) = self
+            let (trimmed, more, groups): (u64, u8, Vec<crate::retention::RawGroup>) = self
                 .retain
                 .key(&keys.stream)
                 .key(&keys.dropped)
-                .arg(&retention_args(entity)[..])
+                .arg(&crate::retention::args(entity)[..])
                 .arg(TRIM_BATCH)
                 .invoke_async(&mut conn)
                 .await

@@ -419,7 +419,7 @@ async fn raw_ids(stream: &str) -> Vec<String> {
 }
 
 /// The retention through the library, on a stream the test writes itself.
-async fn retain_on(stream: &str, extra: &str) -> highwater::sink::Retained {
+async fn retain_on(stream: &str, extra: &str) -> highwater::retention::Retained {
     let env = Env::new();
     let db = env.dir.path().join("unused.db");
     let path = env.config(&format!(
