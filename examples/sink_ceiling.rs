@@ -262,7 +262,7 @@ fn with_sha(cmd: &redis::Cmd, sha: &str) -> redis::Cmd {
 /// order (each polled once as it is sent: queued on the connection), as
 /// the poller does; the replies in the same order.
 async fn pipelined(
-    conn: &redis::aio::ConnectionManager,
+    conn: &highwater::connection::Connection,
     calls: &[(redis::Cmd, usize)],
 ) -> Vec<redis::RedisResult<(u64, i64)>> {
     let mut replies = Vec::with_capacity(calls.len());

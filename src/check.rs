@@ -795,7 +795,7 @@ fn slot_findings(
         .into_iter()
         .fold(BTreeMap::new(), |mut by_slot, key| {
             by_slot
-                .entry(key_slot(key))
+                .entry(crate::connection::slot_of(key))
                 .or_insert_with(Vec::new)
                 .push(key.as_str());
             by_slot
@@ -829,34 +829,6 @@ fn slot_findings(
     )]
 }
 
-/// The Redis Cluster slot of a key: CRC16 (XMODEM) of its hash tag, mod 16384.
-pub fn key_slot(key: &str) -> u16 {
-    let bytes = key.as_bytes();
-    let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
-        bytes[open + 1..]
-            .iter()
-            .position(|&b| b == b'}')
-            .filter(|&len| len > 0)
-            .map(|len| &bytes[open + 1..open + 1 + len])
-    });
-    crc16(tagged.unwrap_or(bytes)) % 16384
-}
-
-fn crc16(bytes: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &byte in bytes {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -875,19 +847,6 @@ mod tests {
         );
         assert!(is_local("127.0.0.2") && is_local("::1") && is_local("localhost"));
         assert!(!is_local("10.0.0.5") && !is_local("db.internal"));
-    }
-
-    #[test]
-    fn key_slots_match_redis_cluster() {
-        // Values from the Redis Cluster specification and CLUSTER KEYSLOT.
-        assert_eq!(crc16(b"123456789"), 0x31C3);
-        assert_eq!(key_slot("foo"), 12182);
-        assert_eq!(
-            key_slot("{user1000}.following"),
-            key_slot("{user1000}.followers")
-        );
-        assert_eq!(key_slot("foo{}{bar}"), key_slot("foo{}{bar}"));
-        assert_eq!(key_slot("{bar"), crc16(b"{bar") % 16384);
     }
 
     #[test]

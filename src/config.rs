@@ -130,6 +130,9 @@ struct RawRedis {
     client_cert: Option<PathBuf>,
     /// PEM private key of `client_cert`.
     client_key: Option<PathBuf>,
+    /// `true`: a Redis Cluster (the URL names any node; the others are
+    /// discovered); `false`: one server. Left out: asked of the server.
+    cluster: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -260,6 +263,9 @@ pub struct RedisSettings {
     pub timeout: Duration,
     /// Polling pauses while `used_memory / maxmemory` is above this.
     pub pause_at_memory: f64,
+    /// A Redis Cluster (`Some(true)`), one server (`Some(false)`), or ask
+    /// the server (`None`: `INFO cluster`).
+    pub cluster: Option<bool>,
 }
 
 impl RedisSettings {
@@ -271,6 +277,7 @@ impl RedisSettings {
             key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
             timeout: DEFAULT_TIMEOUT,
             pause_at_memory: DEFAULT_PAUSE_AT_MEMORY,
+            cluster: None,
         }
     }
 }
@@ -613,6 +620,7 @@ fn validate(path: &Path, base_dir: &Path, raw: RawConfig) -> Result<Config, Conf
             DEFAULT_TIMEOUT,
         ),
         pause_at_memory: raw.redis.pause_at_memory.unwrap_or(DEFAULT_PAUSE_AT_MEMORY),
+        cluster: raw.redis.cluster,
         url: raw.redis.url,
     };
     if !(redis.pause_at_memory > 0.0 && redis.pause_at_memory <= 1.0) {

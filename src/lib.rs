@@ -10,6 +10,8 @@ pub mod change;
 pub mod check;
 /// The TOML configuration, parsed and validated with named errors.
 pub mod config;
+/// Redis: one server or a cluster behind one connection, and what goes to one node.
+pub mod connection;
 /// `highwater demo`: a SQLite shop changing under an in-process agent.
 pub mod demo;
 /// Crash points for fault-injection tests (`HIGHWATER_CRASH_AT`).

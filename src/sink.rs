@@ -9,8 +9,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
+
+use crate::connection::Connection;
 
 use crate::change::Change;
 use crate::config::{mask_url, EntitySettings, RedisSettings};
@@ -381,7 +382,7 @@ pub struct Link<'a> {
 /// The connection to Redis and the scripts.
 #[derive(Clone)]
 pub struct Sink {
-    conn: ConnectionManager,
+    conn: Connection,
     prefix: String,
     dedup: Script,
     commit: Script,
@@ -397,24 +398,7 @@ impl Sink {
             url: mask_url(&settings.url),
             error,
         };
-        let client = client(settings).map_err(connect_error)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(settings.timeout)
-            .set_response_timeout(settings.timeout)
-            .set_number_of_retries(1)
-            .set_max_delay(1000);
-        let conn = tokio::time::timeout(
-            settings.timeout + Duration::from_secs(1),
-            ConnectionManager::new_with_config(client, config),
-        )
-        .await
-        .map_err(|_| {
-            connect_error(redis::RedisError::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connect timed out",
-            )))
-        })?
-        .map_err(connect_error)?;
+        let conn = Connection::open(settings).await.map_err(connect_error)?;
         Ok(Sink {
             conn,
             prefix: settings.key_prefix.clone(),
@@ -431,7 +415,7 @@ impl Sink {
     }
 
     /// A connection handle (cheap clone of the managed connection).
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> Connection {
         self.conn.clone()
     }
 

@@ -358,7 +358,7 @@ async fn entity_status(
 /// The consumer groups of `stream` (none when the stream does not exist;
 /// `check` reports a key that is not a stream).
 async fn consumer_groups(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::connection::Connection,
     keys: &crate::sink::EntityKeys,
 ) -> Result<Vec<GroupStatus>, redis::RedisError> {
     let stream = &keys.stream;

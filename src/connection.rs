@@ -1,0 +1,276 @@
+//! One Redis server or a Redis Cluster behind one connection type. On a
+//! cluster every command and script goes to the node serving its first
+//! key's slot (redis-rs follows MOVED and ASK and refreshes the slot map
+//! after a failover); what is about a node rather than a key (`INFO`) goes
+//! to the node that serves a given key, or to every primary.
+//!
+//! The contract for callers: a connection is cheap to clone and reconnects
+//! by itself; commands sent one after the other without waiting keep their
+//! order per node on one server's connection and, on a cluster, as far as
+//! redis-rs's dispatch keeps it (the dedup script's chunk chain refuses,
+//! and so makes transient, any chunk that overtook its predecessor).
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{
+    MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+};
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
+
+use crate::config::RedisSettings;
+
+/// A connection to one server or to a cluster.
+#[derive(Clone)]
+pub enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(conn) => conn.req_packed_command(cmd),
+            Connection::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(conn) => conn.req_packed_commands(cmd, offset, count),
+            Connection::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(conn) => conn.get_db(),
+            Connection::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// A reply of one node: its address (`host:port`; the configured URL's on
+/// one server) and what it answered.
+pub type NodeReply<T> = (String, T);
+
+impl Connection {
+    /// Connects to what `settings` names: a cluster when `cluster = true`,
+    /// one server when `false`, and when left out whatever the server says
+    /// it is (`INFO cluster`). Bounded by the configured timeout.
+    pub async fn open(settings: &RedisSettings) -> RedisResult<Connection> {
+        let timeout = settings.timeout + Duration::from_secs(1);
+        let connect = async {
+            let client = crate::sink::client(settings)?;
+            let cluster = match settings.cluster {
+                Some(cluster) => cluster,
+                None => is_cluster(&client, settings.timeout).await?,
+            };
+            if cluster {
+                let conn = cluster_client(settings)?.get_async_connection().await?;
+                return Ok(Connection::Cluster(conn));
+            }
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(settings.timeout)
+                .set_response_timeout(settings.timeout)
+                .set_number_of_retries(1)
+                .set_max_delay(1000);
+            Ok(Connection::Single(
+                ConnectionManager::new_with_config(client, config).await?,
+            ))
+        };
+        tokio::time::timeout(timeout, connect).await.map_err(|_| {
+            redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            ))
+        })?
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Connection::Cluster(_))
+    }
+
+    /// Sends `cmd` to the node that serves `key`'s slot (its primary); on
+    /// one server, to the server. For commands about a node (`INFO`).
+    pub async fn on_node_of<T: redis::FromRedisValue>(
+        &mut self,
+        key: &str,
+        cmd: &Cmd,
+    ) -> RedisResult<T> {
+        match self {
+            Connection::Single(conn) => cmd.query_async(conn).await,
+            Connection::Cluster(conn) => {
+                let route = Route::new(slot_of(key), SlotAddr::Master);
+                let value = conn
+                    .route_command(
+                        cmd,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                    )
+                    .await?;
+                redis::from_redis_value(&value)
+            }
+        }
+    }
+
+    /// Sends `cmd` to every primary: each one's address and reply (one
+    /// server: `[("", reply)]`).
+    pub async fn on_every_primary<T: redis::FromRedisValue>(
+        &mut self,
+        cmd: &Cmd,
+    ) -> RedisResult<Vec<NodeReply<T>>> {
+        match self {
+            Connection::Single(conn) => Ok(vec![(String::new(), cmd.query_async(conn).await?)]),
+            Connection::Cluster(conn) => {
+                let value = conn
+                    .route_command(
+                        cmd,
+                        RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+                    )
+                    .await?;
+                let replies: Vec<(String, Value)> = match value {
+                    Value::Map(pairs) => pairs
+                        .into_iter()
+                        .map(|(node, reply)| Ok((redis::from_redis_value(&node)?, reply)))
+                        .collect::<RedisResult<_>>()?,
+                    other => vec![(String::new(), other)],
+                };
+                let mut out = Vec::with_capacity(replies.len());
+                for (node, reply) in replies {
+                    out.push((node, redis::from_redis_value(&reply)?));
+                }
+                out.sort_by(|a, b| a.0.cmp(&b.0));
+                Ok(out)
+            }
+        }
+    }
+
+    /// The address (`host:port`) of the primary serving `key` now, from
+    /// `CLUSTER SHARDS`; `None` on one server.
+    pub async fn node_of(&mut self, key: &str) -> RedisResult<Option<String>> {
+        let Connection::Cluster(_) = self else {
+            return Ok(None);
+        };
+        let slot = slot_of(key);
+        let slots: Vec<Value> = self
+            .on_node_of(key, redis::cmd("CLUSTER").arg("SLOTS"))
+            .await?;
+        for range in slots {
+            let Value::Array(parts) = range else { continue };
+            let (Some(first), Some(last), Some(Value::Array(master))) =
+                (parts.first(), parts.get(1), parts.get(2))
+            else {
+                continue;
+            };
+            let (Ok(first), Ok(last)) = (
+                redis::from_redis_value::<u16>(first),
+                redis::from_redis_value::<u16>(last),
+            ) else {
+                continue;
+            };
+            if (first..=last).contains(&slot) {
+                let host: String = master
+                    .first()
+                    .map(redis::from_redis_value)
+                    .transpose()?
+                    .unwrap_or_default();
+                let port: u16 = master
+                    .get(1)
+                    .map(redis::from_redis_value)
+                    .transpose()?
+                    .unwrap_or_default();
+                return Ok(Some(format!("{host}:{port}")));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Does the server at the URL run in cluster mode (`INFO cluster`:
+/// `cluster_enabled:1`)?
+async fn is_cluster(client: &redis::Client, timeout: Duration) -> RedisResult<bool> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(timeout)
+        .set_response_timeout(timeout);
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    let info: String = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(&mut conn)
+        .await?;
+    Ok(info.lines().any(|line| line.trim() == "cluster_enabled:1"))
+}
+
+/// The cluster client for the configured URL (any node; the others are
+/// discovered), with the same timeouts and certificates as one server's.
+fn cluster_client(settings: &RedisSettings) -> RedisResult<redis::cluster::ClusterClient> {
+    let mut builder = redis::cluster::ClusterClientBuilder::new(vec![settings.url.as_str()])
+        .connection_timeout(settings.timeout)
+        .response_timeout(settings.timeout)
+        .retries(3)
+        .min_retry_wait(100)
+        .max_retry_wait(1000);
+    if settings.tls.ca.is_some() || settings.tls.client.is_some() {
+        builder =
+            builder.certs(redis::TlsCertificates {
+                client_tls: settings.tls.client.as_ref().map(|(cert, key)| {
+                    redis::ClientTlsConfig {
+                        client_cert: cert.clone(),
+                        client_key: key.clone(),
+                    }
+                }),
+                root_cert: settings.tls.ca.clone(),
+            });
+    }
+    builder.build()
+}
+
+/// The cluster slot of a key: CRC16 (XMODEM) of its hash tag (the text in
+/// the first non-empty `{...}`, else the whole key), modulo 16384.
+pub fn slot_of(key: &str) -> u16 {
+    crc16(crate::sink::slot_tag(key).as_bytes()) % 16384
+}
+
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_follow_the_hash_tag() {
+        // Values from the Redis Cluster specification and CLUSTER KEYSLOT.
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+        assert_eq!(slot_of("123456789"), 12739);
+        assert_eq!(slot_of("foo"), 12182);
+        assert_eq!(slot_of("{foo}bar"), slot_of("foo"));
+        assert_eq!(slot_of("a{foo}b{c}"), slot_of("foo"));
+        assert_eq!(slot_of("{}foo"), slot_of("{}foo"));
+        assert_ne!(slot_of("{}foo"), slot_of("foo"));
+        assert_eq!(slot_of("{bar"), crc16(b"{bar") % 16384);
+        assert_eq!(
+            slot_of("{user1000}.following"),
+            slot_of("{user1000}.followers")
+        );
+    }
+}
