@@ -172,15 +172,17 @@ async fn check_redis(config: &Config) -> (Vec<Finding>, Option<bool>) {
         }
     };
     let mut conn = sink.connection();
-    let info: redis::RedisResult<String> = redis::cmd("INFO")
-        .arg("server")
-        .arg("memory")
-        .arg("persistence")
-        .arg("cluster")
-        .query_async(&mut conn)
+    let infos: redis::RedisResult<Vec<(String, String)>> = conn
+        .on_every_primary(
+            redis::cmd("INFO")
+                .arg("server")
+                .arg("memory")
+                .arg("persistence")
+                .arg("cluster"),
+        )
         .await;
-    let info = match info {
-        Ok(info) => info,
+    let infos = match infos {
+        Ok(infos) => infos,
         Err(e) => {
             report.push(
                 Level::Error,
@@ -189,70 +191,30 @@ async fn check_redis(config: &Config) -> (Vec<Finding>, Option<bool>) {
             return (report.findings, None);
         }
     };
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .map(|v| v.trim().to_owned())
-    };
-    let version = field("redis_version").unwrap_or_default();
-    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    if (major, minor) >= MIN_REDIS {
+    let cluster = conn.is_cluster();
+    if cluster {
+        let nodes: Vec<&str> = infos.iter().map(|(node, _)| node.as_str()).collect();
         report.push(
             Level::Ok,
-            format!("redis ({url}): connected, Redis {version}"),
-        );
-        report.findings.push(redis_encryption(&config.redis.url));
-    } else {
-        report.push(
-            Level::Error,
             format!(
-                "redis ({url}): Redis {version} is too old: highwater needs {}.{} or later",
-                MIN_REDIS.0, MIN_REDIS.1
+                "redis ({url}): a Redis Cluster of {} primaries: {}",
+                nodes.len(),
+                nodes.join(", ")
             ),
         );
     }
-
-    let policy = field("maxmemory_policy").unwrap_or_else(|| "unknown".to_owned());
-    if policy.starts_with("allkeys-") {
-        report.push(
-            Level::Warning,
-            format!(
-                "redis: maxmemory-policy is {policy}: under memory pressure Redis evicts any key, and an evicted dedup set or watermark makes highwater emit rows again (duplicates); use noeviction"
-            ),
-        );
-    } else {
-        report.push(
-            Level::Ok,
-            format!("redis: maxmemory-policy {policy} (never evicts highwater's keys, which have no TTL)"),
-        );
-    }
-
-    let aof = field("aof_enabled").as_deref() == Some("1");
-    let save: Option<String> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("save")
-        .query_async::<Vec<String>>(&mut conn)
+    // CONFIG GET may be refused (the README's ACL rule leaves it out).
+    let saves: Vec<(String, Vec<String>)> = conn
+        .on_every_primary(redis::cmd("CONFIG").arg("GET").arg("save"))
         .await
-        .ok()
-        .and_then(|pair| pair.into_iter().nth(1));
-    match (aof, save.as_deref()) {
-        (true, _) => report.push(Level::Ok, "redis: persistence: append-only file"),
-        (false, Some("")) => report.push(
-            Level::Warning,
-            "redis: no persistence (appendonly no, save \"\"): a restart loses the watermarks and dedup sets; highwater then stops (on_state_loss = \"fail\") or re-sends everything (\"resnapshot\")",
-        ),
-        (false, Some(points)) => report.push(
-            Level::Ok,
-            format!("redis: persistence: RDB snapshots (save {points}); a crash loses the writes since the last snapshot, which highwater detects"),
-        ),
-        (false, None) => report.push(
-            Level::Ok,
-            "redis: persistence: AOF off, RDB save points unknown (CONFIG GET not allowed)",
-        ),
+        .unwrap_or_default();
+    for (node, info) in &infos {
+        let save = saves
+            .iter()
+            .find(|(n, _)| n == node)
+            .and_then(|(_, pair)| pair.get(1).cloned());
+        check_redis_node(&mut report, &config.redis.url, node, info, save);
     }
-    let cluster = field("cluster_enabled").map(|v| v == "1");
-
     // The stream key of each entity must be a stream (or not exist yet).
     for entity in config.entities.values() {
         let keys = sink.keys(entity);
@@ -280,7 +242,105 @@ async fn check_redis(config: &Config) -> (Vec<Finding>, Option<bool>) {
             ),
         }
     }
-    (report.findings, cluster)
+    if cluster {
+        for entity in config.entities.values() {
+            let keys = sink.keys(entity);
+            match conn.node_of(&keys.stream).await {
+                Ok(Some(node)) => report.push(
+                    Level::Ok,
+                    format!(
+                        "entity {}: stream {} is in slot {}, served by {node}",
+                        entity.name,
+                        keys.stream,
+                        crate::connection::slot_of(&keys.stream)
+                    ),
+                ),
+                Ok(None) => {}
+                Err(e) => report.push(
+                    Level::Warning,
+                    format!(
+                        "entity {}: cannot tell which node serves stream {}: {}",
+                        entity.name,
+                        keys.stream,
+                        describe(&e)
+                    ),
+                ),
+            }
+        }
+    }
+    (report.findings, Some(cluster))
+}
+
+/// One Redis server's (or cluster primary's) version, eviction policy and
+/// persistence, from its `INFO` and `CONFIG GET save` (`None`: refused).
+fn check_redis_node(
+    report: &mut Report,
+    configured: &str,
+    node: &str,
+    info: &str,
+    save: Option<String>,
+) {
+    let url = mask_url(configured);
+    // One server: "redis (<url>)" and "redis"; a cluster: its node each time.
+    let (named, short) = if node.is_empty() {
+        (format!("redis ({url})"), "redis".to_owned())
+    } else {
+        (format!("redis node {node}"), format!("redis node {node}"))
+    };
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(|v| v.trim().to_owned())
+    };
+    let version = field("redis_version").unwrap_or_default();
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if (major, minor) >= MIN_REDIS {
+        report.push(Level::Ok, format!("{named}: connected, Redis {version}"));
+        if node.is_empty() {
+            report.findings.push(redis_encryption(configured));
+        }
+    } else {
+        report.push(
+            Level::Error,
+            format!(
+                "{named}: Redis {version} is too old: highwater needs {}.{} or later",
+                MIN_REDIS.0, MIN_REDIS.1
+            ),
+        );
+    }
+
+    let policy = field("maxmemory_policy").unwrap_or_else(|| "unknown".to_owned());
+    if policy.starts_with("allkeys-") {
+        report.push(
+            Level::Warning,
+            format!(
+                "{short}: maxmemory-policy is {policy}: under memory pressure Redis evicts any key, and an evicted dedup set or watermark makes highwater emit rows again (duplicates); use noeviction"
+            ),
+        );
+    } else {
+        report.push(
+            Level::Ok,
+            format!("{short}: maxmemory-policy {policy} (never evicts highwater's keys, which have no TTL)"),
+        );
+    }
+
+    let aof = field("aof_enabled").as_deref() == Some("1");
+    match (aof, save.as_deref()) {
+        (true, _) => report.push(Level::Ok, format!("{short}: persistence: append-only file")),
+        (false, Some("")) => report.push(
+            Level::Warning,
+            format!("{short}: no persistence (appendonly no, save \"\"): a restart loses the watermarks and dedup sets; highwater then stops (on_state_loss = \"fail\") or re-sends everything (\"resnapshot\")"),
+        ),
+        (false, Some(points)) => report.push(
+            Level::Ok,
+            format!("{short}: persistence: RDB snapshots (save {points}); a crash loses the writes since the last snapshot, which highwater detects"),
+        ),
+        (false, None) => report.push(
+            Level::Ok,
+            format!("{short}: persistence: AOF off, RDB save points unknown (CONFIG GET not allowed)"),
+        ),
+    }
 }
 
 /// A source: connects, its version, its clock, open write transactions, then

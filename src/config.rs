@@ -254,6 +254,7 @@ pub struct HttpSettings {
     pub unhealthy_after_intervals: u32,
 }
 
+#[derive(Clone)]
 pub struct RedisSettings {
     /// The URL, secrets included: never log it, use [`mask_url`].
     pub url: String,

@@ -63,34 +63,48 @@ pub type NodeReply<T> = (String, T);
 impl Connection {
     /// Connects to what `settings` names: a cluster when `cluster = true`,
     /// one server when `false`, and when left out whatever the server says
-    /// it is (`INFO cluster`). Bounded by the configured timeout.
+    /// it is (`INFO cluster`). Connects and waits for replies up to the
+    /// configured timeout.
     pub async fn open(settings: &RedisSettings) -> RedisResult<Connection> {
-        let timeout = settings.timeout + Duration::from_secs(1);
+        Connection::open_with(settings, settings.timeout, settings.timeout).await
+    }
+
+    /// [`Connection::open`] with its own timeouts: a blocking read
+    /// (`XREAD BLOCK`) needs a reply timeout beyond the longest block.
+    pub async fn open_with(
+        settings: &RedisSettings,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> RedisResult<Connection> {
         let connect = async {
             let client = crate::sink::client(settings)?;
             let cluster = match settings.cluster {
                 Some(cluster) => cluster,
-                None => is_cluster(&client, settings.timeout).await?,
+                None => is_cluster(&client, connect_timeout).await?,
             };
             if cluster {
-                let conn = cluster_client(settings)?.get_async_connection().await?;
+                let conn = cluster_client(settings, connect_timeout, response_timeout)?
+                    .get_async_connection()
+                    .await?;
                 return Ok(Connection::Cluster(conn));
             }
             let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(settings.timeout)
-                .set_response_timeout(settings.timeout)
+                .set_connection_timeout(connect_timeout)
+                .set_response_timeout(response_timeout)
                 .set_number_of_retries(1)
                 .set_max_delay(1000);
             Ok(Connection::Single(
                 ConnectionManager::new_with_config(client, config).await?,
             ))
         };
-        tokio::time::timeout(timeout, connect).await.map_err(|_| {
-            redis::RedisError::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connect timed out",
-            ))
-        })?
+        tokio::time::timeout(connect_timeout + Duration::from_secs(1), connect)
+            .await
+            .map_err(|_| {
+                redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect timed out",
+                ))
+            })?
     }
 
     pub fn is_cluster(&self) -> bool {
@@ -210,10 +224,14 @@ async fn is_cluster(client: &redis::Client, timeout: Duration) -> RedisResult<bo
 
 /// The cluster client for the configured URL (any node; the others are
 /// discovered), with the same timeouts and certificates as one server's.
-fn cluster_client(settings: &RedisSettings) -> RedisResult<redis::cluster::ClusterClient> {
+fn cluster_client(
+    settings: &RedisSettings,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+) -> RedisResult<redis::cluster::ClusterClient> {
     let mut builder = redis::cluster::ClusterClientBuilder::new(vec![settings.url.as_str()])
-        .connection_timeout(settings.timeout)
-        .response_timeout(settings.timeout)
+        .connection_timeout(connect_timeout)
+        .response_timeout(response_timeout)
         .retries(3)
         .min_retry_wait(100)
         .max_retry_wait(1000);

@@ -528,27 +528,23 @@ impl Sink {
         }))
     }
 
-    /// `used_memory / maxmemory`, or `None` when Redis has no memory limit.
+    /// `used_memory / maxmemory`, or `None` when Redis has no memory limit;
+    /// on a cluster, that of the fullest primary (a stream fills the node
+    /// that serves it, and a cycle may write to any).
     pub async fn memory_ratio(&self) -> Result<Option<f64>, SinkError> {
         let mut conn = self.conn.clone();
-        let info: String = redis::cmd("INFO")
-            .arg("memory")
-            .query_async(&mut conn)
+        let infos: Vec<(String, String)> = conn
+            .on_every_primary(redis::cmd("INFO").arg("memory"))
             .await
             .map_err(|error| SinkError::Command {
                 entity: String::new(),
                 action: "INFO memory",
                 error,
             })?;
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-        };
-        Ok(match (field("used_memory"), field("maxmemory")) {
-            (Some(used), Some(max)) if max > 0.0 => Some(used / max),
-            _ => None,
-        })
+        Ok(infos
+            .iter()
+            .filter_map(|(_, info)| memory_ratio(info))
+            .max_by(f64::total_cmp))
     }
 
     /// Applies one chunk through the dedup script; returns how many rows
@@ -775,6 +771,19 @@ impl Sink {
                 return Ok(retained);
             }
         }
+    }
+}
+
+/// `used_memory / maxmemory` from `INFO memory`; `None` without `maxmemory`.
+fn memory_ratio(info: &str) -> Option<f64> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    match (field("used_memory"), field("maxmemory")) {
+        (Some(used), Some(max)) if max > 0.0 => Some(used / max),
+        _ => None,
     }
 }
 

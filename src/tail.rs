@@ -13,9 +13,10 @@ use std::future::Future;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamReadOptions, StreamReadReply};
-use redis::{AsyncConnectionConfig, Value};
+use redis::Value;
+
+use crate::connection::Connection;
 
 use crate::change::format_timestamp;
 use crate::config::{mask_url, CursorKind, RedisSettings};
@@ -281,29 +282,31 @@ pub enum StartAt {
 pub const BLOCK: Duration = Duration::from_millis(1000);
 /// Added to the block for the connection's response timeout.
 const RESPONSE_MARGIN: Duration = Duration::from_secs(5);
+/// How often streams spread over cluster slots are read while waiting.
+const SPREAD_POLL: Duration = Duration::from_millis(100);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The connection a follower reads with, opened on first use (and again
 /// after an error cleared `slot`). Its response timeout outlasts the longest
 /// BLOCK, so redis-rs never gives up on a read Redis is still holding.
 async fn blocking_connection(
-    client: &redis::Client,
+    redis: &RedisSettings,
     url: &str,
-    slot: &mut Option<MultiplexedConnection>,
-) -> Result<MultiplexedConnection, TailError> {
+    slot: &mut Option<Connection>,
+) -> Result<Connection, TailError> {
     if let Some(conn) = slot {
         return Ok(conn.clone());
     }
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(CONNECT_TIMEOUT)
-        .set_response_timeout(BLOCK.max(Duration::from_secs(60)) + RESPONSE_MARGIN);
-    let conn = client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-        .map_err(|error| TailError::Connect {
-            url: url.to_owned(),
-            error,
-        })?;
+    let conn = Connection::open_with(
+        redis,
+        CONNECT_TIMEOUT,
+        BLOCK.max(Duration::from_secs(60)) + RESPONSE_MARGIN,
+    )
+    .await
+    .map_err(|error| TailError::Connect {
+        url: url.to_owned(),
+        error,
+    })?;
     *slot = Some(conn.clone());
     Ok(conn)
 }
@@ -312,9 +315,9 @@ async fn blocking_connection(
 /// connection. Its positions only advance over entries it returned, so a
 /// read that is cancelled or fails is simply repeated.
 pub struct Follower {
-    client: redis::Client,
+    redis: RedisSettings,
     url: String,
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Connection>,
     /// Per stream: the ID of the last entry returned.
     positions: Vec<(String, String)>,
     cursor: Option<CursorKind>,
@@ -330,14 +333,9 @@ impl Follower {
         start: StartAt,
         cursor: Option<CursorKind>,
     ) -> Result<Follower, TailError> {
-        let url = redis.url.as_str();
-        let client = crate::sink::client(redis).map_err(|error| TailError::Connect {
-            url: mask_url(url),
-            error,
-        })?;
         let mut follower = Follower {
-            client,
-            url: mask_url(url),
+            redis: redis.clone(),
+            url: mask_url(&redis.url),
             conn: None,
             positions: streams
                 .iter()
@@ -374,8 +372,8 @@ impl Follower {
         self.positions.iter().map(|(s, _)| s.as_str())
     }
 
-    async fn connection(&mut self) -> Result<MultiplexedConnection, TailError> {
-        blocking_connection(&self.client, &self.url, &mut self.conn).await
+    async fn connection(&mut self) -> Result<Connection, TailError> {
+        blocking_connection(&self.redis, &self.url, &mut self.conn).await
     }
 
     /// Returns the entries added since the last read, waiting up to `block`
@@ -386,33 +384,69 @@ impl Follower {
         block: Option<Duration>,
     ) -> Result<Vec<Result<Entry, DecodeError>>, TailError> {
         let mut conn = self.connection().await?;
-        let mut options = StreamReadOptions::default().count(1000);
-        if let Some(block) = block {
-            let millis = block.min(Duration::from_secs(60)).as_millis().max(1);
-            options = options.block(millis as usize);
+        let block = block.map(|b| b.min(Duration::from_secs(60)));
+        // One XREAD may name keys of one cluster slot only: streams spread
+        // over slots are read slot by slot without blocking, and the wait
+        // is short sleeps until one of them has something.
+        let mut by_slot: Vec<(u16, Vec<usize>)> = Vec::new();
+        for (i, (stream, _)) in self.positions.iter().enumerate() {
+            let slot = if conn.is_cluster() {
+                crate::connection::slot_of(stream)
+            } else {
+                0
+            };
+            match by_slot.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, streams)) => streams.push(i),
+                None => by_slot.push((slot, vec![i])),
+            }
         }
-        let keys: Vec<&str> = self.positions.iter().map(|(s, _)| s.as_str()).collect();
-        let ids: Vec<&str> = self.positions.iter().map(|(_, id)| id.as_str()).collect();
-        let reply: Option<StreamReadReply> = match redis::cmd("XREAD")
-            .arg(&options)
-            .arg("STREAMS")
-            .arg(&keys)
-            .arg(&ids)
-            .query_async(&mut conn)
-            .await
-        {
-            Ok(reply) => reply,
-            Err(error) => {
-                self.conn = None;
-                return Err(TailError::Read {
-                    url: self.url.clone(),
-                    streams: keys.join(", "),
-                    error,
-                });
+        let started = std::time::Instant::now();
+        let replies = loop {
+            let one_read = by_slot.len() == 1;
+            let mut replies = Vec::new();
+            for (_, streams) in &by_slot {
+                let mut options = StreamReadOptions::default().count(1000);
+                if let (Some(block), true) = (block, one_read) {
+                    options = options.block(block.as_millis().max(1) as usize);
+                }
+                let keys: Vec<&str> = streams
+                    .iter()
+                    .map(|&i| self.positions[i].0.as_str())
+                    .collect();
+                let ids: Vec<&str> = streams
+                    .iter()
+                    .map(|&i| self.positions[i].1.as_str())
+                    .collect();
+                let reply: Option<StreamReadReply> = match redis::cmd("XREAD")
+                    .arg(&options)
+                    .arg("STREAMS")
+                    .arg(&keys)
+                    .arg(&ids)
+                    .query_async(&mut conn)
+                    .await
+                {
+                    Ok(reply) => reply,
+                    Err(error) => {
+                        self.conn = None;
+                        return Err(TailError::Read {
+                            url: self.url.clone(),
+                            streams: keys.join(", "),
+                            error,
+                        });
+                    }
+                };
+                replies.extend(reply.map(|r| r.keys).unwrap_or_default());
+            }
+            let waited = started.elapsed();
+            match block {
+                Some(block) if !one_read && replies.is_empty() && waited < block => {
+                    tokio::time::sleep(SPREAD_POLL.min(block - waited)).await;
+                }
+                _ => break replies,
             }
         };
         let mut entries = Vec::new();
-        for key in reply.map(|r| r.keys).unwrap_or_default() {
+        for key in replies {
             for raw in key.ids {
                 entries.push(Entry::decode(&key.key, &raw.id, &raw.map, self.cursor));
                 if let Some((_, position)) = self.positions.iter_mut().find(|(s, _)| *s == key.key)
@@ -468,9 +502,9 @@ pub async fn follow(
 /// acknowledged: a previous run died between showing and acknowledging),
 /// then new ones. The caller acknowledges what it handled with [`GroupFollower::ack`].
 pub struct GroupFollower {
-    client: redis::Client,
+    redis: RedisSettings,
     url: String,
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Connection>,
     stream: String,
     group: String,
     consumer: String,
@@ -491,14 +525,9 @@ impl GroupFollower {
         start: StartAt,
         cursor: Option<CursorKind>,
     ) -> Result<(GroupFollower, bool), TailError> {
-        let url = redis.url.as_str();
-        let client = crate::sink::client(redis).map_err(|error| TailError::Connect {
-            url: mask_url(url),
-            error,
-        })?;
         let mut follower = GroupFollower {
-            client,
-            url: mask_url(url),
+            redis: redis.clone(),
+            url: mask_url(&redis.url),
             conn: None,
             stream: stream.to_owned(),
             group: group.to_owned(),
@@ -535,8 +564,8 @@ impl GroupFollower {
         }
     }
 
-    async fn connection(&mut self) -> Result<MultiplexedConnection, TailError> {
-        blocking_connection(&self.client, &self.url, &mut self.conn).await
+    async fn connection(&mut self) -> Result<Connection, TailError> {
+        blocking_connection(&self.redis, &self.url, &mut self.conn).await
     }
 
     /// The next entries for this consumer, waiting up to `block` (at most a
