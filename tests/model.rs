@@ -6,7 +6,8 @@
 //! randomized, seeded workload on real PostgreSQL and MariaDB, with the real
 //! binary polling it while faults are injected: one agent, or two and three
 //! sharing the config through leases (paused past the lease, killed,
-//! restarted).
+//! restarted), or one feeding a short stream that a slow consumer group
+//! reads.
 //!
 //! Each scenario prints one line to grep:
 //! `model: scenario=kill9 backend=postgres seed=... faults=6 ... versions=...
@@ -23,6 +24,7 @@ mod common;
 mod model {
     pub mod agent;
     pub mod checker;
+    pub mod consumer;
     pub mod proxy;
     pub mod redis_server;
     pub mod run;
@@ -290,6 +292,130 @@ async fn kill_9_at_any_moment_loses_and_duplicates_nothing_on_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_any_moment_loses_and_duplicates_nothing_on_mariadb() {
     killed_agents(Backend::MariaDb).await;
+}
+
+// ---------------------------------------------------------------------------
+// A slow consumer group on a short stream, the agent killed.
+// ---------------------------------------------------------------------------
+
+/// The stream's `max_stream_length` in the consumer-group scenarios: far
+/// below what the run emits, and below what the slow group falls behind.
+const SHORT_STREAM: u64 = 5;
+
+/// A stream kept short (`max_stream_length = 5`) with a consumer group
+/// created before the agent starts and read slowly (small batches, pauses,
+/// stalls of seconds before a read or an acknowledgement), the agent
+/// killed with kill -9 every 1 to 3 s and restarted. The checker judges
+/// what the group was delivered.
+async fn slow_group_killed(mut settings: Settings) -> Report {
+    settings.max_stream_length = SHORT_STREAM;
+    settings.slow_group = true;
+    // A restarted agent takes the entity over within a second of the
+    // killed one's last renewal: cycles run, and trim, between the kills.
+    settings.lease = Some("1s");
+    let mut run = ModelRun::new(settings).await;
+    run.start_agent(None);
+    first_cycle(&run).await;
+    for _ in 0..faults(6, 60) {
+        let up = run.random_ms(1000, 3000);
+        tokio::time::sleep(up).await;
+        run.agent().kill9();
+        run.count_fault("kill9");
+        let down = run.random_ms(0, 1500);
+        tokio::time::sleep(down).await;
+        run.start_agent(None);
+    }
+    let last = run.random_ms(1000, 3000);
+    tokio::time::sleep(last).await;
+    run.finish(false).await
+}
+
+/// Every entry the group had not been delivered and acknowledged stays on
+/// the stream, whatever `max_stream_length` says: the group loses nothing,
+/// and once it has read everything the stream is back at 5 entries.
+async fn a_slow_consumer_group_loses_nothing(backend: Backend) {
+    let report = slow_group_killed(Settings::new("slow_group", backend)).await;
+    report.assert_clean();
+    let group = report.group.expect("the group's figures");
+    assert_eq!(
+        (group.read as u64, group.pending),
+        (group.added, 0),
+        "the group must have been delivered, and have acknowledged, every entry ever added to the stream\n{}",
+        report.line
+    );
+    // What the group had yet to read stayed on the stream meanwhile.
+    assert!(
+        group.max_lag > 4 * SHORT_STREAM && group.max_len >= group.max_lag,
+        "the group never fell more than {} entries behind while the stream held them (most behind: {}, longest stream: {}): the retention had nothing to wait for\n{}",
+        4 * SHORT_STREAM,
+        group.max_lag,
+        group.max_len,
+        report.line
+    );
+    // The last cycle's retention saw the group with nothing left to read.
+    assert!(
+        group.stream_left as u64 <= SHORT_STREAM + group.late as u64,
+        "the stream kept {} entries after the group read everything (max_stream_length = {SHORT_STREAM}, {} delivered after the last cycle)\n{}",
+        group.stream_left,
+        group.late,
+        report.line
+    );
+    assert!(
+        group.read as u64 > 10 * SHORT_STREAM,
+        "the group read only {} entries: the trim proves nothing\n{}",
+        group.read,
+        report.line
+    );
+    assert_eq!(
+        group.dropped, 0,
+        "entries dropped before the group acknowledged them, without a hard cap\n{}",
+        report.line
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_group_loses_nothing_while_the_stream_is_trimmed_on_postgres() {
+    a_slow_consumer_group_loses_nothing(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_group_loses_nothing_while_the_stream_is_trimmed_on_mariadb() {
+    a_slow_consumer_group_loses_nothing(Backend::MariaDb).await;
+}
+
+/// The same run with `hard_max_stream_length = 5` as well: the hard cap
+/// drops entries the group was not delivered, or had not acknowledged, on
+/// purpose. The checker, judging what the group was delivered, must count
+/// losses, and the agent must have counted the drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_reports_losses_of_a_hard_capped_stream_with_a_slow_group() {
+    let mut settings = Settings::new("broken_hard_capped_group", Backend::Postgres);
+    settings.hard_max_stream_length = Some(SHORT_STREAM);
+    // It never catches up: a final version dropped before the group read
+    // it is never sent again.
+    settings.catch_up = Duration::from_secs(3);
+    let report = slow_group_killed(settings).await;
+    let group = report.group.expect("the group's figures");
+    assert!(
+        report.counts.lost > 0,
+        "a hard cap of {SHORT_STREAM} under a group that falls behind must lose entries for it, and the checker must count them: {}",
+        report.line
+    );
+    // Every entry the group was never delivered went unacknowledged, and
+    // the agent counts those (with the pending ones it dropped).
+    let never_delivered = group.added - group.read as u64;
+    assert!(
+        never_delivered > 0 && group.dropped >= never_delivered,
+        "the agent counted {} entries dropped before the group acknowledged them, {never_delivered} were never delivered to it: {}",
+        group.dropped,
+        report.line
+    );
+    assert!(
+        group.stream_left as u64 <= SHORT_STREAM + group.late as u64,
+        "the hard cap left {} entries on the stream\n{}",
+        group.stream_left,
+        report.line
+    );
 }
 
 // ---------------------------------------------------------------------------

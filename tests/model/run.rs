@@ -14,8 +14,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::common::Message;
-use crate::model::agent::{AgentLog, AgentProcess};
+use crate::model::agent::{self, AgentLog, AgentProcess};
 use crate::model::checker::{self, Counts};
+use crate::model::consumer::{parse_entries, GroupConsumer, GROUP};
 use crate::model::proxy::Proxy;
 use crate::model::redis_server::{RedisOptions, RedisServer};
 use crate::model::workload::{
@@ -73,6 +74,16 @@ pub struct Settings {
     /// Appended to the polling query (`AND ...`): a per-row sleep makes
     /// cycles long, so that pauses land in their middle.
     pub query_filter: &'static str,
+    /// The entity's `max_stream_length` (0: no cap).
+    pub max_stream_length: u64,
+    /// The entity's `hard_max_stream_length`, if set: the cap that drops
+    /// entries whether the groups acknowledged them or not.
+    pub hard_max_stream_length: Option<u64>,
+    /// A consumer group on the stream, created before the agent starts and
+    /// read slowly through the whole run by a [`GroupConsumer`]: the
+    /// checker judges what the group was delivered, not the stream (which
+    /// the retention trims).
+    pub slow_group: bool,
 }
 
 impl Settings {
@@ -97,6 +108,9 @@ impl Settings {
             lease: None,
             unfenced: false,
             query_filter: "",
+            max_stream_length: 0,
+            hard_max_stream_length: None,
+            slow_group: false,
         }
     }
 }
@@ -144,6 +158,8 @@ pub struct ModelRun {
     /// Redis loses the stream.
     collected: Vec<Message>,
     last_id: String,
+    /// The slow consumer group of [`Settings::slow_group`].
+    group: Option<GroupConsumer>,
     /// Where [`ModelRun::save_log`] writes (a file per agent), created by
     /// its first call.
     log_files: OnceLock<Vec<PathBuf>>,
@@ -160,6 +176,33 @@ pub struct Report {
     pub log_tail: String,
     /// What the agents' logs say about leases (runs of several agents).
     pub leases: LeaseCounts,
+    /// The slow consumer group's figures (runs with [`Settings::slow_group`]).
+    pub group: Option<GroupFigures>,
+}
+
+/// What became of the slow consumer group and of the stream it reads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GroupFigures {
+    /// Entries the group was delivered (and acknowledged): the messages
+    /// the checker judged.
+    pub read: usize,
+    /// Entries ever added to the stream (XINFO STREAM `entries-added`).
+    pub added: u64,
+    /// The most entries the group had yet to be delivered at one of its
+    /// reads: how far behind the stream's head it fell.
+    pub max_lag: u64,
+    /// The most entries the stream held at one of the group's reads.
+    pub max_len: u64,
+    /// Entries delivered after the last cycle the end waited for (its
+    /// retention could not trim them yet).
+    pub late: usize,
+    /// Entries left on the stream at the end.
+    pub stream_left: usize,
+    /// Entries delivered and never acknowledged, at the end.
+    pub pending: u64,
+    /// Entries the agent counts as dropped before the group acknowledged
+    /// them (the hard cap's count, in the stream's dropped hash).
+    pub dropped: u64,
 }
 
 /// Lease events in all agents' logs.
@@ -276,8 +319,8 @@ lookback = "{lookback}"
 {max_lookback}every = "{every_ms}ms"
 start = "beginning"
 chunk_rows = {chunk_rows}
-max_stream_length = 0
-delete_column = "deleted"
+max_stream_length = {max_stream_length}
+{hard_max}delete_column = "deleted"
 on_state_loss = "{on_state_loss}"
 "#,
             redis = redis.url(),
@@ -290,8 +333,19 @@ on_state_loss = "{on_state_loss}"
                 .map(|m| format!("max_lookback = \"{m}\"\n"))
                 .unwrap_or_default(),
             on_state_loss = settings.on_state_loss,
+            max_stream_length = settings.max_stream_length,
+            hard_max = settings
+                .hard_max_stream_length
+                .map(|n| format!("hard_max_stream_length = {n}\n"))
+                .unwrap_or_default(),
         );
         std::fs::write(&config, text).expect("write config");
+        let group = if settings.slow_group {
+            let group_seed = rng.random();
+            Some(GroupConsumer::start(redis.conn().await, ENTITY, group_seed).await)
+        } else {
+            None
+        };
 
         let workload = Workload::start(
             db.clone(),
@@ -325,6 +379,7 @@ on_state_loss = "{on_state_loss}"
             notes: Vec::new(),
             collected: Vec::new(),
             last_id: "0".into(),
+            group,
             log_files: OnceLock::new(),
             _dir: dir,
         }
@@ -816,7 +871,9 @@ on_state_loss = "{on_state_loss}"
     /// Stops the writers, lets the agent catch up, stops it with SIGTERM,
     /// checks the stream against the truth and prints the report line.
     /// `from_collection`: use what [`ModelRun::drain`] collected (the stream
-    /// was lost on the way) instead of the stream as it is now.
+    /// was lost on the way) instead of the stream as it is now. With a slow
+    /// group, what the group was delivered is checked instead (see
+    /// [`ModelRun::settle_group`] for how its end goes).
     pub async fn finish(mut self, from_collection: bool) -> Report {
         let writers = {
             let workload = self.workload.as_mut().expect("writers running");
@@ -835,8 +892,14 @@ on_state_loss = "{on_state_loss}"
         let final_versions: HashMap<i64, i64> = finals.iter().map(|r| (r.id, r.v)).collect();
         let mut present: HashMap<i64, bool> = HashMap::new();
         let mut stream_read_to = "0".to_owned();
+        let mut group_read_to = 0;
         loop {
-            let fresh = if from_collection {
+            let fresh = if let Some(group) = &self.group {
+                // The stream is trimmed behind the group: what it was delivered.
+                let fresh = group.received_since(group_read_to);
+                group_read_to += fresh.len();
+                fresh
+            } else if from_collection {
                 let before = self.collected.len();
                 self.drain().await;
                 self.collected[before..].to_vec()
@@ -880,6 +943,10 @@ on_state_loss = "{on_state_loss}"
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
 
+        if self.group.is_some() {
+            self.settle_group().await;
+        }
+
         // Every agent still running gets SIGTERM at once (they hand the
         // entity over as they go); each must exit 0. One that exited by
         // itself (not killed by the scenario) reports its status too.
@@ -900,7 +967,42 @@ on_state_loss = "{on_state_loss}"
             .find(|e| !e.is_some_and(|s| s.success()))
             .unwrap_or_else(|| exits.first().copied().flatten());
 
-        let messages = if from_collection {
+        let group = match self.group.as_mut() {
+            Some(group) => {
+                let late = group.drain().await;
+                let pending = group.pending().await;
+                let read = group.received_len();
+                let added = group.added().await;
+                let (max_lag, max_len, stalls) = (group.max_lag(), group.max_len(), group.stalls());
+                let stream_left: usize = self.redis_query(redis::cmd("XLEN").arg(ENTITY)).await;
+                let dropped: Option<u64> = self
+                    .redis_query(
+                        redis::cmd("HGET")
+                            .arg(format!("hw:{{{ENTITY}}}:dropped:{ENTITY}"))
+                            .arg(GROUP),
+                    )
+                    .await;
+                let figures = GroupFigures {
+                    read,
+                    added,
+                    max_lag,
+                    max_len,
+                    late,
+                    stream_left,
+                    pending,
+                    dropped: dropped.unwrap_or(0),
+                };
+                self.note(format!(
+                    "stream_added={added} group_read={read} group_max_lag={max_lag} stream_max_len={max_len} group_stalls={stalls} group_pending={pending} stream_left={stream_left} late={late} dropped_unacked={}",
+                    figures.dropped
+                ));
+                Some(figures)
+            }
+            None => None,
+        };
+        let messages = if let Some(group) = &self.group {
+            group.take_received()
+        } else if from_collection {
             self.drain().await;
             std::mem::take(&mut self.collected)
         } else {
@@ -984,37 +1086,25 @@ on_state_loss = "{on_state_loss}"
             exit,
             log_tail: self.logs_tail(60),
             leases,
+            group,
         }
     }
-}
 
-/// XRANGE's reply: (id, field-value pairs) per entry.
-type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
-
-/// XRANGE's reply as messages.
-pub fn parse_entries(reply: redis::Value) -> Vec<Message> {
-    let entries: Entries =
-        redis::FromRedisValue::from_redis_value(&reply).expect("an XRANGE reply");
-    entries
-        .into_iter()
-        .map(|(id, fields)| {
-            let get = |name: &str| {
-                fields
-                    .iter()
-                    .find(|(f, _)| f == name)
-                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-            };
-            Message {
-                pkey: get("pkey").expect("pkey field"),
-                epoch: get("epoch")
-                    .expect("epoch field")
-                    .parse()
-                    .expect("epoch is an integer"),
-                variant: get("variant").expect("variant field"),
-                op: get("op").expect("op field"),
-                payload: get("payload").map(|p| serde_json::from_str(&p).expect("payload is JSON")),
-                id,
-            }
+    /// The end of a run with a slow group, the agent still polling: the
+    /// slow reader stops, the group is drained (every entry delivered and
+    /// acknowledged), and a cycle that started after that completes, so
+    /// that its retention saw the group with nothing left to read.
+    async fn settle_group(&mut self) {
+        let group = self.group.as_mut().expect("a slow group");
+        group.stop().await;
+        group.drain().await;
+        let from = self.log.len();
+        let drained_at = workload::now_micros();
+        self.wait_for_events(from, "cycle", 1, Duration::from_secs(30), |e| {
+            let start = agent::timestamp(e).zip(e["duration_ms"].as_i64());
+            e["interrupted"] != true
+                && start.is_some_and(|(end, ms)| end - (ms + 1) * 1000 > drained_at)
         })
-        .collect()
+        .await;
+    }
 }
