@@ -165,6 +165,44 @@ impl Connection {
         }
     }
 
+    /// Sends `cmds` (each with the key it is routed by) and returns their
+    /// replies in order: one pipeline on one server; on a cluster, which
+    /// refuses a pipeline over several slots, one pipeline per slot, all at
+    /// once. A command that fails fails the whole call.
+    pub async fn pipelined<T: redis::FromRedisValue>(
+        &mut self,
+        cmds: Vec<(&str, Cmd)>,
+    ) -> RedisResult<Vec<T>> {
+        let mut groups: Vec<(u16, Vec<usize>, Pipeline)> = Vec::new();
+        for (i, (key, cmd)) in cmds.into_iter().enumerate() {
+            let slot = if self.is_cluster() { slot_of(key) } else { 0 };
+            let at = match groups.iter().position(|(s, ..)| *s == slot) {
+                Some(at) => at,
+                None => {
+                    groups.push((slot, Vec::new(), redis::pipe()));
+                    groups.len() - 1
+                }
+            };
+            groups[at].1.push(i);
+            groups[at].2.add_command(cmd);
+        }
+        let replies = futures_util::future::try_join_all(groups.iter().map(|(_, _, pipe)| {
+            let mut conn = self.clone();
+            async move { pipe.query_async::<Vec<Value>>(&mut conn).await }
+        }))
+        .await?;
+        let total = groups.iter().map(|(_, at, _)| at.len()).sum();
+        let mut out: Vec<Option<Value>> = vec![None; total];
+        for ((_, at, _), values) in groups.iter().zip(replies) {
+            for (&i, value) in at.iter().zip(values) {
+                out[i] = Some(value);
+            }
+        }
+        out.into_iter()
+            .map(|v| redis::from_redis_value(&v.unwrap_or(Value::Nil)))
+            .collect()
+    }
+
     /// The address (`host:port`) of the primary serving `key` now, from
     /// `CLUSTER SHARDS`; `None` on one server.
     pub async fn node_of(&mut self, key: &str) -> RedisResult<Option<String>> {

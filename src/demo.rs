@@ -456,14 +456,13 @@ async fn reset_redis(config: &Config) -> Result<u64, DemoError> {
         let url = mask_url(&config.redis.url);
         move |error| DemoError::Redis { url, action, error }
     };
-    let client = crate::sink::client(&config.redis).map_err(redis_error("connect"))?;
-    let settings = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Duration::from_secs(5))
-        .set_response_timeout(Duration::from_secs(10));
-    let mut conn = client
-        .get_multiplexed_async_connection_with_config(&settings)
-        .await
-        .map_err(redis_error("connect"))?;
+    let mut conn = crate::connection::Connection::open_with(
+        &config.redis,
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(redis_error("connect"))?;
     let mut deleted = 0;
     for entity in config.entities.values() {
         let keys = EntityKeys::new(&config.redis.key_prefix, &entity.name, &entity.stream);
@@ -473,6 +472,7 @@ async fn reset_redis(config: &Config) -> Result<u64, DemoError> {
             .arg(&keys.seen)
             .arg(&keys.digest)
             .arg(&keys.state)
+            .arg(&keys.dropped)
             .query_async(&mut conn)
             .await
             .map_err(redis_error("delete the keys of an earlier demo run"))?;

@@ -292,24 +292,26 @@ impl Leases {
         if calls.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for (keys, mode, mine) in calls {
-            pipe.add_command(self.lease_cmd(keys, mode, mine));
-        }
+        let cmds = || {
+            calls
+                .iter()
+                .map(|(keys, mode, mine)| (keys.lease.as_str(), self.lease_cmd(keys, mode, mine)))
+                .collect::<Vec<_>>()
+        };
         let error = |error| SinkError::Command {
             entity: entity.to_owned(),
             action: "the lease script",
             error,
         };
         let mut conn = self.sink.connection();
-        let replies: Vec<(String, String, i64, String)> = match pipe.query_async(&mut conn).await {
+        let replies: Vec<(String, String, i64, String)> = match conn.pipelined(cmds()).await {
             Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
                 self.lease_script
                     .prepare_invoke()
                     .load_async(&mut conn)
                     .await
                     .map_err(error)?;
-                pipe.query_async(&mut conn).await.map_err(error)?
+                conn.pipelined(cmds()).await.map_err(error)?
             }
             other => other.map_err(error)?,
         };
@@ -502,19 +504,24 @@ impl Keeper {
             self.claims.iter().filter(|c| c.held().is_none()).collect();
         candidates.sort_by_key(|c| std::cmp::Reverse(c.preference));
         // Which are free: one round trip of GETs.
-        let mut pipe = redis::pipe();
-        for claim in &candidates {
-            pipe.exists(&claim.keys.lease);
-        }
         let mut conn = self.leases.sink.connection();
-        let exists: Vec<bool> =
-            pipe.query_async(&mut conn)
-                .await
-                .map_err(|error| SinkError::Command {
-                    entity: String::new(),
-                    action: "reading the leases",
-                    error,
-                })?;
+        let exists: Vec<bool> = conn
+            .pipelined(
+                candidates
+                    .iter()
+                    .map(|claim| {
+                        let mut cmd = redis::cmd("EXISTS");
+                        cmd.arg(&claim.keys.lease);
+                        (claim.keys.lease.as_str(), cmd)
+                    })
+                    .collect(),
+            )
+            .await
+            .map_err(|error| SinkError::Command {
+                entity: String::new(),
+                action: "reading the leases",
+                error,
+            })?;
         let free: Vec<&Arc<Claim>> = candidates
             .into_iter()
             .zip(exists)
