@@ -138,6 +138,11 @@ fn is_transient_redis(error: &redis::RedisError) -> bool {
                 | redis::ErrorKind::MasterDown
                 | redis::ErrorKind::ClusterDown
                 | redis::ErrorKind::ReadOnly
+                // A cluster mid-failover: redirections redis-rs gave up
+                // following, a node it has no connection to yet.
+                | redis::ErrorKind::Moved
+                | redis::ErrorKind::Ask
+                | redis::ErrorKind::ClusterConnectionNotFound
         )
         || matches!(error.code(), Some("OOM" | "LOADING" | "BUSY"))
 }
