@@ -375,3 +375,35 @@ async fn a_master_killed_mid_run_fails_over_and_nothing_is_lost_doubled_or_reord
         "the agent went on after the failover"
     );
 }
+
+#[tokio::test]
+async fn a_large_window_on_a_cluster_is_applied_with_chunks_in_flight_and_nothing_refused() {
+    // 20,000 rows: the second cycle's 40 chunks of 500 travel several at a
+    // time (the state exists), each chained to the one before it.
+    let cluster = PrivateCluster::start(3, 0, &[]).await;
+    let f = fixture(&cluster, "1h").await;
+    insert(&f.pool, 1, 20_000).await;
+    let out = f.run_ok(&["once"]);
+    assert!(
+        out.contains("items: 20000 rows read, 20000 emitted"),
+        "{out}"
+    );
+    sqlite_exec(
+        &f.pool,
+        "UPDATE items SET v = 2, updated_at = strftime('%Y-%m-%d %H:%M:%f', 'now')",
+    )
+    .await;
+    let (ok, out, log) = f.run(&["once"]);
+    assert!(ok, "{out}\n{log}");
+    assert!(
+        out.contains("items: 20000 rows read, 20000 emitted"),
+        "{out}\n{log}"
+    );
+    let all = versions(&cluster, &f.stream("items")).await;
+    assert_eq!(all.len(), 40_000);
+    let second: Vec<i64> = all[20_000..].iter().map(|(k, _)| *k).collect();
+    let mut sorted = second.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (1..=20_000).collect::<Vec<_>>());
+    assert!(all[20_000..].iter().all(|(_, v)| *v == 2));
+}
