@@ -447,19 +447,11 @@ impl PrivateCluster {
         new_master
     }
 
-    /// The hash slot of a key: CRC16 (XMODEM) of the key, or of its hash
-    /// tag (the bytes between the first `{` and the first `}` after it,
-    /// when there are any), mod 16384.
+    /// The hash slot of a key, as highwater computes it
+    /// (`highwater::connection::slot_of`; tests/cluster_harness.rs checks
+    /// it against `CLUSTER KEYSLOT`).
     pub fn slot_of(key: &str) -> u16 {
-        let bytes = key.as_bytes();
-        let hashed = match bytes.iter().position(|&b| b == b'{') {
-            Some(open) => match bytes[open + 1..].iter().position(|&b| b == b'}') {
-                Some(len) if len > 0 => &bytes[open + 1..open + 1 + len],
-                _ => bytes,
-            },
-            None => bytes,
-        };
-        crc16_xmodem(hashed) % SLOTS
+        highwater::connection::slot_of(key)
     }
 
     /// Every node's log tail, for failure messages.
@@ -470,23 +462,6 @@ impl PrivateCluster {
             .collect::<Vec<_>>()
             .join("\n")
     }
-}
-
-/// CRC16-CCITT (XMODEM): polynomial 0x1021, initial value 0, no reflection;
-/// the checksum Redis Cluster hashes keys with.
-pub fn crc16_xmodem(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &byte in data {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
 }
 
 /// Master `i` of `masters`: its share of the slots, first and last.
