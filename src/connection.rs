@@ -253,10 +253,25 @@ async fn is_cluster(client: &redis::Client, timeout: Duration) -> RedisResult<bo
     let mut conn = client
         .get_multiplexed_async_connection_with_config(&config)
         .await?;
-    let info: String = redis::cmd("INFO")
+    let info: String = match redis::cmd("INFO")
         .arg("cluster")
         .query_async(&mut conn)
-        .await?;
+        .await
+    {
+        Ok(info) => info,
+        // A server that refuses INFO (renamed, or not in the user's ACL)
+        // is taken for one server, as before clusters were supported; on a
+        // cluster its first command then fails with MOVED, and `cluster =
+        // true` says what it is.
+        Err(error)
+            if error.kind() == redis::ErrorKind::ResponseError
+                || crate::sink::is_acl_refusal(&error) =>
+        {
+            tracing::warn!(error = %error, "redis refused INFO cluster: taken for one server (set [redis] cluster = true for a Redis Cluster)");
+            return Ok(false);
+        }
+        Err(error) => return Err(error),
+    };
     Ok(info.lines().any(|line| line.trim() == "cluster_enabled:1"))
 }
 
