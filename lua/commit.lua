@@ -24,7 +24,8 @@
 -- ARGV[3] trim batch size
 -- ARGV[4] "1" if the state hash must exist (the cycle started from it or
 --         one of its chunks created it)
--- ARGV[5] the caller's lease value ("" = unfenced); a value that is not the
+-- ARGV[5] the caller's lease value ("" = unfenced; "#<token>" for a
+--         partition, as in lua/dedup.lua); a value that is not the
 --         lease's current one fails with "HWFENCED <current value>" and
 --         changes nothing (the fence, as in lua/dedup.lua)
 -- ARGV[6] max_stream_length, ARGV[7] max_age in ms, ARGV[8]
@@ -46,11 +47,26 @@ if ARGV[4] == '1' and redis.call('EXISTS', state) == 0 then
   return false
 end
 
-if ARGV[5] ~= '' then
+-- A partition of an entity (partitions = N: its keys are in another slot
+-- than the lease's) is fenced by the lease's token instead, "#<token>": the
+-- highest token that wrote the partition is kept as `fence`, and a lower
+-- one is refused, so once a new holder wrote here the old one cannot.
+local token, fenced_by = nil, 0
+if string.sub(ARGV[5], 1, 1) == '#' then
+  token = tonumber(string.sub(ARGV[5], 2))
+  fenced_by = tonumber(redis.call('HGET', state, 'fence') or '0')
+  if not token or token < fenced_by then
+    return redis.error_reply('HWFENCED ')
+  end
+elseif ARGV[5] ~= '' then
   local current = redis.call('GET', lease)
   if current ~= ARGV[5] then
     return redis.error_reply('HWFENCED ' .. (current or ''))
   end
+end
+
+if token and token > fenced_by then
+  redis.call('HSET', state, 'fence', token)
 end
 
 local watermark = redis.call('HGET', state, 'watermark')

@@ -18,7 +18,8 @@
 -- ARGV[3] "1" to include the payload field, "0" for key-only messages
 -- ARGV[4] "1" if the state hash must exist: the cycle started from it (or an
 --         earlier chunk of the cycle created it)
--- ARGV[5] the caller's lease value ("" = unfenced: a single agent without leases)
+-- ARGV[5] the caller's lease value ("" = unfenced: a single agent without
+--         leases), or "#<token>" for a partition (see below)
 -- ARGV[6] the chunk that must have been applied last ("" = no check): with
 --         several chunks of a cycle in flight, a chunk whose predecessor
 --         failed (or has not arrived) is refused with "HWCHAIN <last applied>"
@@ -54,7 +55,18 @@ if ARGV[4] == '1' and redis.call('EXISTS', state) == 0 then
   return false
 end
 
-if ARGV[5] ~= '' then
+-- A partition of an entity (partitions = N: its keys are in another slot
+-- than the lease's) is fenced by the lease's token instead, "#<token>": the
+-- highest token that wrote the partition is kept as `fence`, and a lower
+-- one is refused, so once a new holder wrote here the old one cannot.
+local token, fenced_by = nil, 0
+if string.sub(ARGV[5], 1, 1) == '#' then
+  token = tonumber(string.sub(ARGV[5], 2))
+  fenced_by = tonumber(redis.call('HGET', state, 'fence') or '0')
+  if not token or token < fenced_by then
+    return redis.error_reply('HWFENCED ')
+  end
+elseif ARGV[5] ~= '' then
   local current = redis.call('GET', lease)
   if current ~= ARGV[5] then
     return redis.error_reply('HWFENCED ' .. (current or ''))
@@ -161,5 +173,8 @@ else
 end
 if name ~= '' then
   redis.call('HSET', state, 'chunk', name)
+end
+if token and token > fenced_by and (emitted > 0 or name ~= '') then
+  redis.call('HSET', state, 'fence', token)
 end
 return {emitted, writes}

@@ -21,6 +21,9 @@ pub const DEFAULT_CHUNK_ROWS: usize = 500;
 /// How far back an open transaction may stretch a window unless configured
 /// (never less than the entity's lookback).
 pub const DEFAULT_MAX_LOOKBACK_US: i64 = 3_600_000_000;
+/// The most partitions an entity may have.
+pub const MAX_PARTITIONS: u32 = 1024;
+
 /// Default approximate cap of a stream's length (`XADD MAXLEN ~`).
 pub const DEFAULT_MAX_STREAM_LENGTH: u64 = 1_000_000;
 /// Default connections per source pool.
@@ -192,6 +195,9 @@ struct RawEntity {
     every: Option<String>,
     /// Redis stream key, used verbatim.
     stream: Option<String>,
+    /// Spread the entity over this many streams `<stream>:0` ... (and
+    /// Redis Cluster shards), by a hash of the key.
+    partitions: Option<u32>,
     /// Value of the `variant` field of each message.
     variant: Option<String>,
     /// Where the first cycle starts: `now`, `beginning`, an RFC 3339 time or a version.
@@ -374,6 +380,8 @@ pub struct EntitySettings {
     pub max_lookback: i64,
     pub schedule: Schedule,
     pub stream: String,
+    /// Streams the entity is spread over (`<stream>:0` ...); 1: the stream itself.
+    pub partitions: u32,
     pub variant: String,
     pub start: Start,
     pub payload: PayloadMode,
@@ -949,10 +957,18 @@ fn validate_entity(
         ));
     }
 
+    let partitions = e.partitions.unwrap_or(1);
+    if !(1..=MAX_PARTITIONS).contains(&partitions) {
+        problems.push(format!(
+            "{field}.partitions: {partitions} is outside 1..={MAX_PARTITIONS}"
+        ));
+    }
+
     if problems.len() > before {
         return None;
     }
     Some(EntitySettings {
+        partitions,
         name: name.to_owned(),
         source: e.source,
         query,

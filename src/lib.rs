@@ -22,6 +22,8 @@ pub mod http;
 pub mod lease;
 /// Metric names (`highwater_*`), the registry and its Prometheus text.
 pub mod metrics;
+/// One entity over several streams: which partition a key goes to, and their keys.
+pub mod partition;
 /// One cycle of one entity: window, chunks, commit.
 pub mod poller;
 /// Progress of long cycles: a live line on a terminal, log lines otherwise.

@@ -15,7 +15,9 @@ use tokio::sync::watch;
 
 use crate::change::Change;
 use crate::config::{CursorKind, EntitySettings, OnStateLoss};
-use crate::sink::{Commit, CycleFigures, LeaseRenewal, Link, Sink, SinkError};
+use crate::sink::{
+    Commit, CycleFigures, EntityKeys, LeaseRenewal, Link, Sink, SinkError, StateSnapshot,
+};
 use crate::source::{Prepared, RawRow, Scratch, Sessions, Source, SourceError, BEGINNING};
 
 /// Why a cycle failed.
@@ -37,6 +39,9 @@ pub enum CycleError {
         holder: Option<String>,
         refused: bool,
     },
+    /// The entity's state in Redis was written with another `partitions`.
+    #[error("entity {entity}: its state in Redis was written with partitions = {was}, the config says {now}: a key would move to another stream and lose its order. Set partitions = {was} again, or start the entity over: delete its streams and state keys (`highwater status` names the streams) and let it re-read (start = \"beginning\")")]
+    PartitionsChanged { entity: String, was: u32, now: u32 },
 }
 
 impl CycleError {
@@ -47,6 +52,7 @@ impl CycleError {
             CycleError::Sink(e) => e.is_transient(),
             CycleError::StateLost { .. } => false,
             CycleError::LeaseLost { .. } => true,
+            CycleError::PartitionsChanged { .. } => false,
         }
     }
 }
@@ -69,7 +75,7 @@ pub struct EntityMemory {
     /// The state's write counter when `confirmed` was built; a different
     /// value at cycle start means the state changed behind this process's
     /// back (lost, reset, another agent) and `confirmed` is dropped.
-    writes: Option<i64>,
+    writes: Option<Vec<i64>>,
     /// This process runs one cycle only (`once`): building `confirmed`
     /// would cost 8 bytes per row for nothing.
     single_cycle: bool,
@@ -343,8 +349,9 @@ pub struct CycleReport {
     /// Keys in the dedup set and entries in the stream after the commit
     /// (`None`: the cycle did not commit).
     pub sizes: Option<(u64, u64)>,
-    /// What the commit's stream retention did (`None`: the cycle did not commit).
-    pub retained: Option<crate::retention::Retained>,
+    /// What the commit's stream retention did, per stream (empty: the
+    /// cycle did not commit).
+    pub retained: Vec<(String, crate::retention::Retained)>,
     /// How much earlier than `W - lookback` the window started
     /// (microseconds): an open transaction stretched it.
     pub extension: i64,
@@ -372,39 +379,21 @@ pub async fn run_cycle(
 ) -> Result<CycleReport, CycleError> {
     let started = Instant::now();
     let started_at_ms = chrono::Utc::now().timestamp_millis();
-    let keys = sink.keys(entity);
-    let fence = lease.map(|(value, _)| value);
-
-    let state = sink.snapshot(&entity.name, &keys, lease).await?;
-    if let LeaseRenewal::Lost { holder } = state.lease {
-        memory.forget();
-        return Err(CycleError::LeaseLost {
-            entity: entity.name.clone(),
-            holder,
-            refused: false,
-        });
-    }
-    let mut watermark = state.watermark;
-    let lost = if state.digests_vanished() {
-        Some(format!(
-            "its digest hash is empty although the last cycle left {} keys in it",
-            state.tracked
-        ))
-    } else if state.exists {
-        None
-    } else if memory.had_state {
-        Some("its state keys vanished while this agent was running".to_owned())
-    } else if sink
-        .stream_has_variant(&entity.name, &keys, &entity.variant, LOSS_EVIDENCE_DEPTH)
-        .await?
-    {
-        Some(format!(
-            "its state keys are missing but stream {} holds its messages",
-            keys.stream
-        ))
-    } else {
-        None
+    let partitioned = entity.partitions > 1;
+    let lane_keys = sink.partition_keys(entity);
+    // One stream: the lease itself fences every write. Partitions live in
+    // other slots than the lease: they are fenced by its token
+    // (lua/dedup.lua).
+    let token_fence = lease
+        .filter(|_| partitioned)
+        .map(|(value, _)| format!("#{}", crate::lease::parse_value(value).0.unwrap_or(0)));
+    let fence: Option<&str> = match &token_fence {
+        Some(token) => Some(token),
+        None => lease.map(|(value, _)| value),
     };
+
+    let states = read_states(entity, sink, &lane_keys, lease).await?;
+    let lost = find_loss(entity, sink, memory, &lane_keys, &states).await?;
     let mut resnapshot = false;
     if let Some(evidence) = lost {
         match entity.on_state_loss {
@@ -421,7 +410,6 @@ pub async fn run_cycle(
                     "redis lost this entity's state: re-reading everything the query returns (on_state_loss = \"resnapshot\"); consumers will see rows again"
                 );
                 resnapshot = true;
-                watermark = None;
             }
         }
     }
@@ -436,12 +424,31 @@ pub async fn run_cycle(
         }
         CursorKind::Version => (None, Sessions::Unseen),
     };
-    let window = crate::window::start(entity, watermark, t0, &state.window, &sessions);
-    let since = if resnapshot {
-        BEGINNING
-    } else {
-        source.bound_since(prepared, window.since)
-    };
+    // Each partition's window as if it were alone; the cycle reads from the
+    // earliest, and each partition ignores what is below its own (it was
+    // read and committed there before; its digests may be trimmed).
+    let windows: Vec<crate::window::Window> = states
+        .iter()
+        .map(|state| {
+            let watermark = if resnapshot { None } else { state.watermark };
+            crate::window::start(entity, watermark, t0, &state.window, &sessions)
+        })
+        .collect();
+    let lane_since: Vec<i64> = windows
+        .iter()
+        .map(|w| {
+            if resnapshot {
+                BEGINNING
+            } else {
+                source.bound_since(prepared, w.since)
+            }
+        })
+        .collect();
+    let earliest = (0..windows.len())
+        .min_by_key(|&i| lane_since[i])
+        .unwrap_or(0);
+    let window = &windows[earliest];
+    let since = lane_since[earliest];
     let beyond_max = window
         .beyond_max
         .as_ref()
@@ -467,21 +474,23 @@ pub async fn run_cycle(
         below_window: 0,
         duration: Duration::ZERO,
         since,
-        watermark,
+        watermark: states.iter().map(|s| s.watermark).min().flatten(),
         interrupted: false,
         db_now: t0,
         started_at_ms,
         sizes: None,
-        retained: None,
+        retained: Vec::new(),
         extension: if resnapshot { 0 } else { window.extension },
         horizon: crate::window::horizon(&sessions).cloned(),
         beyond_max: beyond_max.is_some(),
     };
     // The agent's memory of confirmed versions is valid only while nobody
     // else wrote this entity's state since this process last did.
-    if memory.writes != Some(state.writes) {
+    let writes_now: Vec<i64> = states.iter().map(|s| s.writes).collect();
+    if memory.writes.as_ref() != Some(&writes_now) {
         memory.confirmed.clear();
     }
+    let tracked: u64 = states.iter().map(|s| s.tracked).sum();
     let mut window = Window {
         source,
         prepared,
@@ -495,7 +504,7 @@ pub async fn run_cycle(
         next_confirmed: Vec::with_capacity(if memory.single_cycle {
             0
         } else {
-            let tracked = usize::try_from(state.tracked).unwrap_or(0).min(1 << 26);
+            let tracked = usize::try_from(tracked).unwrap_or(0).min(1 << 26);
             let expected = memory.confirmed.len().max(tracked);
             expected + expected / 16
         }),
@@ -509,41 +518,44 @@ pub async fn run_cycle(
         read: 0,
         below_window: 0,
     };
-    let mut expected_writes = state.writes;
-    let mut foreign_writes = false;
-    // From here on the state hash must not vanish: the scripts check it, so
-    // that a loss during the cycle is not recreated as a fresh state.
-    let mut expect_state = state.exists;
-    let mut progress = crate::progress::CycleProgress::start(&entity.name);
-    // Chunks sent and not answered yet, oldest first. Once the state hash
-    // exists, several travel at once, so that Redis never waits for the
-    // agent to read the next one; each names the one before it, and the
-    // dedup script applies it only right after that one (lua/dedup.lua
-    // ARGV[6]): a chunk after one that failed writes nothing.
-    let mut in_flight: VecDeque<InFlight<'_>> = VecDeque::with_capacity(CHUNKS_IN_FLIGHT);
     let cycle = format!("{:016x}", rand::random::<u64>());
-    let mut sent = 0u64;
-    let mut last_link: Option<String> = None;
+    let mut lanes: Vec<Lane<'_>> = lane_keys
+        .iter()
+        .zip(&states)
+        .zip(&lane_since)
+        .map(|((keys, state), &since)| Lane {
+            keys,
+            since,
+            // From here on the state hash must not vanish: the scripts
+            // check it, so that a loss during the cycle is not recreated as
+            // a fresh state.
+            expect_state: state.exists,
+            script_cached: false,
+            in_flight: VecDeque::with_capacity(CHUNKS_IN_FLIGHT),
+            sent: 0,
+            last_link: None,
+            expected_writes: state.writes,
+            foreign_writes: false,
+        })
+        .collect();
+    let mut progress = crate::progress::CycleProgress::start(&entity.name);
     let mut applied_chunks = 0u64;
     let mut ended = false;
     let mut read_error: Option<SourceError> = None;
     let mut failed: Option<SinkError> = None;
-    // A chunk of this cycle was applied: the dedup script is in Redis's
-    // script cache. Until then chunks go one at a time, because a chunk sent
-    // while a NOSCRIPT reply is being handled (the script loaded, the chunk
-    // sent again) would overtake the ones before it, and the script would
-    // refuse it: after every restart of Redis, the next cycle would fail.
-    let mut script_cached = false;
     loop {
-        // Before the state exists, the chunk that creates it must be
-        // answered before the next is sent: the next one's state check
-        // depends on it.
-        let room = if expect_state && script_cached {
-            CHUNKS_IN_FLIGHT
-        } else {
-            1
-        };
-        if !ended && !report.interrupted && in_flight.len() < room {
+        // Chunks sent and not answered yet, oldest first, per partition.
+        // Once a partition's state hash exists, several travel at once, so
+        // that Redis never waits for the agent to read the next one; each
+        // names the one before it, and the dedup script applies it only
+        // right after that one (lua/dedup.lua ARGV[6]): a chunk after one
+        // that failed writes nothing. Until a chunk of the cycle was applied
+        // (the dedup script is in Redis's script cache) chunks go one at a
+        // time, because a chunk sent while a NOSCRIPT reply is being handled
+        // would overtake the ones before it; and before the state exists,
+        // the chunk that creates it must be answered before the next is
+        // sent: the next one's state check depends on it.
+        if !ended && !report.interrupted && lanes.iter().all(Lane::has_room) {
             let mut chunk = Chunk::with_capacity(entity.chunk_rows);
             match window.fill(&mut chunk).await {
                 Ok(done) => ended = done,
@@ -554,29 +566,46 @@ pub async fn run_cycle(
                     continue;
                 }
             }
-            if chunk.is_empty() {
-                continue;
+            for (p, part) in split(chunk, &lanes, entity.partitions) {
+                let lane = &mut lanes[p];
+                lane.sent += 1;
+                let name = lane.expect_state.then(|| format!("{cycle}:{}", lane.sent));
+                let link = Link {
+                    after: name.as_ref().and(lane.last_link.as_deref()),
+                    name: name.as_deref(),
+                };
+                let cmd = sink.chunk_command(
+                    entity,
+                    lane.keys,
+                    &part.changes,
+                    lane.expect_state,
+                    fence,
+                    link,
+                );
+                lane.last_link = name;
+                let mut reply = sink.send_chunk(entity, cmd).boxed();
+                // Polled once now, which queues it on the connection: calls
+                // travel in the order they were first polled.
+                let early = futures_util::future::poll_immediate(&mut reply).await;
+                lane.in_flight.push_back(InFlight {
+                    chunk: part,
+                    reply,
+                    early,
+                });
             }
-            sent += 1;
-            let name = expect_state.then(|| format!("{cycle}:{sent}"));
-            let link = Link {
-                after: name.as_ref().and(last_link.as_deref()),
-                name: name.as_deref(),
-            };
-            let cmd = sink.chunk_command(entity, &keys, &chunk.changes, expect_state, fence, link);
-            last_link = name;
-            let mut reply = sink.send_chunk(entity, cmd).boxed();
-            // Polled once now, which queues it on the connection: calls
-            // travel in the order they were first polled.
-            let early = futures_util::future::poll_immediate(&mut reply).await;
-            in_flight.push_back(InFlight {
-                chunk,
-                reply,
-                early,
-            });
             continue;
         }
-        let Some(flight) = in_flight.pop_front() else {
+        // Settle the oldest chunk of a full partition (or, at the end, of
+        // any that has one in flight).
+        let Some(lane) = lanes
+            .iter()
+            .position(|l| !l.has_room() && !l.in_flight.is_empty())
+            .or_else(|| lanes.iter().position(|l| !l.in_flight.is_empty()))
+        else {
+            break;
+        };
+        let lane = &mut lanes[lane];
+        let Some(flight) = lane.in_flight.pop_front() else {
             break;
         };
         let applied = match flight.early {
@@ -592,17 +621,17 @@ pub async fn run_cycle(
                 break;
             }
         };
-        script_cached = true;
-        expect_state |= emitted > 0;
+        lane.script_cached = true;
+        lane.expect_state |= emitted > 0;
         report.emitted += emitted;
         progress.update(window.read, report.emitted);
         // A chunk that emitted created the state hash.
         memory.had_state |= emitted > 0;
         if emitted > 0 {
-            expected_writes += 1;
+            lane.expected_writes += 1;
         }
-        foreign_writes |= writes != expected_writes;
-        expected_writes = writes;
+        lane.foreign_writes |= writes != lane.expected_writes;
+        lane.expected_writes = writes;
         window.confirm(&flight.chunk);
         applied_chunks += 1;
         crate::fault::after_chunk(applied_chunks);
@@ -611,7 +640,9 @@ pub async fn run_cycle(
             report.interrupted = true;
         }
     }
-    drop(in_flight);
+    for lane in &mut lanes {
+        lane.in_flight.clear();
+    }
     if let Some(e) = failed {
         drop(window);
         return Err(state_vanished(entity, memory, e));
@@ -624,14 +655,14 @@ pub async fn run_cycle(
     let max_epoch = window.max_epoch;
     let next_confirmed = std::mem::take(&mut window.next_confirmed);
     drop(window);
-    if foreign_writes || report.interrupted {
+    if lanes.iter().any(|l| l.foreign_writes) || report.interrupted {
         // Someone else wrote this entity's state meanwhile (or the cycle is
         // incomplete): forget, and let Redis decide every row next time.
         memory.confirmed.clear();
         memory.writes = None;
     } else {
         memory.confirmed = Confirmed::new(next_confirmed);
-        memory.writes = Some(expected_writes);
+        memory.writes = Some(lanes.iter().map(|l| l.expected_writes).collect());
     }
     report.skipped = report.rows - report.below_window - report.emitted;
     if report.below_window > 0 {
@@ -648,14 +679,6 @@ pub async fn run_cycle(
             CursorKind::Time => t0,
             CursorKind::Version => max_epoch,
         };
-        // No later window starts before this, as the database will be
-        // asked for it (src/window.rs); the script's W_new is at least this one's.
-        let trim_below = watermark.max(candidate).map(|w| {
-            source.bound_since(
-                prepared,
-                crate::window::trim_below(entity, w, t0, &sessions),
-            )
-        });
         let figures = CycleFigures {
             started_at_ms,
             duration_ms: started.elapsed().as_millis() as u64,
@@ -665,31 +688,247 @@ pub async fn run_cycle(
             db_now: t0,
             extension: report.extension,
             horizon: report.horizon.clone(),
+            partitions: entity.partitions,
         };
-        let committed = sink
-            .commit(
-                entity,
-                &keys,
-                &Commit {
-                    candidate,
-                    trim_below,
-                    figures: &figures,
-                    expect_state,
-                    fence,
-                },
-            )
-            .await
-            .map_err(|e| state_vanished(entity, memory, e))?;
-        report.watermark = committed.watermark;
-        report.sizes = Some((committed.dedup_keys, committed.stream_entries));
-        crate::retention::log_dropped(entity, &committed.retained);
-        report.retained = Some(committed.retained);
+        // Each partition commits its own watermark; the next window starts
+        // from the oldest, so a crash between two commits re-reads.
+        let commits = lanes.iter().zip(&states).enumerate().map(|(p, (lane, state))| {
+            let watermark = if resnapshot { None } else { state.watermark };
+            // No later window of this partition starts before this, as the
+            // database will be asked for it (src/window.rs); the script's
+            // W_new is at least this one's.
+            let trim_below = watermark.max(candidate).map(|w| {
+                source.bound_since(
+                    prepared,
+                    crate::window::trim_below(entity, w, t0, &sessions),
+                )
+            });
+            let figures = &figures;
+            async move {
+                if p > 0 {
+                    crate::fault::between_partition_commits(p);
+                }
+                sink.commit(
+                    entity,
+                    lane.keys,
+                    &Commit {
+                        candidate,
+                        trim_below,
+                        figures,
+                        expect_state: lane.expect_state,
+                        fence,
+                    },
+                )
+                .await
+            }
+        });
+        let committed = if partitioned {
+            // One after the other on one server would cost a round trip
+            // each; at once they go to their shards in parallel. The crash
+            // point between two of them needs them in order.
+            if crate::fault::crash_between_partitions() {
+                let mut all = Vec::new();
+                for commit in commits {
+                    all.push(commit.await);
+                }
+                all
+            } else {
+                futures_util::future::join_all(commits).await
+            }
+        } else {
+            futures_util::future::join_all(commits).await
+        };
+        let mut sizes = (0, 0);
+        let mut watermark: Option<Option<i64>> = None;
+        for (lane, result) in lanes.iter().zip(committed) {
+            let committed = result.map_err(|e| state_vanished(entity, memory, e))?;
+            watermark = Some(match watermark {
+                None => committed.watermark,
+                Some(w) => w.min(committed.watermark),
+            });
+            sizes.0 += committed.dedup_keys;
+            sizes.1 += committed.stream_entries;
+            crate::retention::log_dropped(entity, &lane.keys.stream, &committed.retained);
+            report.retained.push((lane.keys.stream.clone(), committed.retained));
+        }
+        report.watermark = watermark.flatten();
+        report.sizes = Some(sizes);
         memory.had_state = true;
     } else {
         memory.had_state |= report.emitted > 0;
     }
     report.duration = started.elapsed();
     Ok(report)
+}
+
+/// One partition of a cycle (the only one of an entity without partitions).
+struct Lane<'a> {
+    keys: &'a EntityKeys,
+    /// This partition's own window start: rows below it were read and
+    /// committed here by an earlier cycle.
+    since: i64,
+    expect_state: bool,
+    script_cached: bool,
+    in_flight: VecDeque<InFlight<'a>>,
+    sent: u64,
+    last_link: Option<String>,
+    expected_writes: i64,
+    foreign_writes: bool,
+}
+
+impl Lane<'_> {
+    fn has_room(&self) -> bool {
+        let room = if self.expect_state && self.script_cached {
+            CHUNKS_IN_FLIGHT
+        } else {
+            1
+        };
+        self.in_flight.len() < room
+    }
+}
+
+/// A chunk's rows by partition (`partitions` = 1: the chunk itself), each
+/// non-empty part with its partition; rows below their partition's own
+/// window are left out (they count as skipped).
+fn split(chunk: Chunk, lanes: &[Lane<'_>], partitions: u32) -> Vec<(usize, Chunk)> {
+    if chunk.is_empty() {
+        return Vec::new();
+    }
+    if partitions <= 1 {
+        return vec![(0, chunk)];
+    }
+    let mut parts: Vec<Chunk> = (0..lanes.len())
+        .map(|_| Chunk::with_capacity(chunk.len() / lanes.len() + 1))
+        .collect();
+    for (change, fingerprint) in chunk.changes.into_iter().zip(chunk.fingerprints) {
+        let p = crate::partition::of(&change.pkey, partitions);
+        if change.epoch >= lanes[p].since {
+            parts[p].push(change, fingerprint);
+        }
+    }
+    parts
+        .into_iter()
+        .enumerate()
+        .filter(|(_, part)| !part.is_empty())
+        .collect()
+}
+
+/// What each partition's state holds at cycle start, read at once, and the
+/// lease renewed. Partitions live in other slots than the lease: the lease
+/// is renewed with the entity's own keys, and a state found there (the
+/// entity ran without partitions) or a partition written with another
+/// `partitions` is refused.
+async fn read_states(
+    entity: &EntitySettings,
+    sink: &Sink,
+    lane_keys: &[EntityKeys],
+    lease: Option<(&str, Duration)>,
+) -> Result<Vec<StateSnapshot>, CycleError> {
+    let lost_lease = |state: &StateSnapshot| match &state.lease {
+        LeaseRenewal::Lost { holder } => Some(holder.clone()),
+        _ => None,
+    };
+    if entity.partitions <= 1 {
+        let state = sink.snapshot(&entity.name, &lane_keys[0], lease).await?;
+        if let Some(holder) = lost_lease(&state) {
+            return Err(CycleError::LeaseLost {
+                entity: entity.name.clone(),
+                holder,
+                refused: false,
+            });
+        }
+        if !state.exists {
+            if let Some(was) = sink.partitions_written(entity).await? {
+                return Err(partitions_changed(entity, was));
+            }
+        }
+        return Ok(vec![state]);
+    }
+    let own = sink.keys(entity);
+    let (base, partitions) = futures_util::future::join(
+        sink.snapshot(&entity.name, &own, lease),
+        futures_util::future::try_join_all(
+            lane_keys
+                .iter()
+                .map(|keys| sink.snapshot(&entity.name, keys, None)),
+        ),
+    )
+    .await;
+    let base = base?;
+    if let Some(holder) = lost_lease(&base) {
+        return Err(CycleError::LeaseLost {
+            entity: entity.name.clone(),
+            holder,
+            refused: false,
+        });
+    }
+    if base.exists {
+        return Err(partitions_changed(entity, 1));
+    }
+    let partitions = partitions?;
+    if let Some(was) = partitions
+        .iter()
+        .filter_map(|s| s.partitions)
+        .find(|&n| n != entity.partitions)
+    {
+        return Err(partitions_changed(entity, was));
+    }
+    Ok(partitions)
+}
+
+fn partitions_changed(entity: &EntitySettings, was: u32) -> CycleError {
+    CycleError::PartitionsChanged {
+        entity: entity.name.clone(),
+        was,
+        now: entity.partitions,
+    }
+}
+
+/// Evidence that Redis lost state of the entity (of any partition).
+async fn find_loss(
+    entity: &EntitySettings,
+    sink: &Sink,
+    memory: &EntityMemory,
+    lane_keys: &[EntityKeys],
+    states: &[StateSnapshot],
+) -> Result<Option<String>, CycleError> {
+    let of = |keys: &EntityKeys| {
+        if entity.partitions > 1 {
+            format!(" (partition stream {})", keys.stream)
+        } else {
+            String::new()
+        }
+    };
+    for (keys, state) in lane_keys.iter().zip(states) {
+        let lost = if state.digests_vanished() {
+            Some(format!(
+                "its digest hash is empty although the last cycle left {} keys in it{}",
+                state.tracked,
+                of(keys)
+            ))
+        } else if state.exists {
+            None
+        } else if memory.had_state {
+            Some(format!(
+                "its state keys vanished while this agent was running{}",
+                of(keys)
+            ))
+        } else if sink
+            .stream_has_variant(&entity.name, keys, &entity.variant, LOSS_EVIDENCE_DEPTH)
+            .await?
+        {
+            Some(format!(
+                "its state keys are missing but stream {} holds its messages",
+                keys.stream
+            ))
+        } else {
+            None
+        };
+        if lost.is_some() {
+            return Ok(lost);
+        }
+    }
+    Ok(None)
 }
 
 /// A sink error, unless it says the state vanished during the cycle: then
