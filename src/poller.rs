@@ -680,6 +680,10 @@ pub async fn run_cycle(
             )
             .await
             .map_err(|e| state_vanished(entity, memory, e))?;
+        // On a replicated Redis, the cycle is done once a replica holds its
+        // writes: a failover before that may roll them back, and a version
+        // overwritten before the re-read would be gone.
+        sink.await_replicas(entity, &keys).await?;
         report.watermark = committed.watermark;
         report.sizes = Some((committed.dedup_keys, committed.stream_entries));
         crate::retention::log_dropped(entity, &committed.retained);

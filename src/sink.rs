@@ -82,6 +82,16 @@ pub enum SinkError {
         action: &'static str,
         last: Option<String>,
     },
+    /// The cycle's writes reached fewer replicas than `wait_for_replicas`
+    /// within the timeout: a failover now could roll them back, so the
+    /// cycle does not count as done (the next one goes on from it).
+    #[error("entity {entity}: the cycle's writes reached {acked} of the {wanted} replica(s) wait_for_replicas asks for within {}: not counted as done (a failover now could roll them back)", humantime::format_duration(*timeout))]
+    NotReplicated {
+        entity: String,
+        acked: u32,
+        wanted: u32,
+        timeout: Duration,
+    },
 }
 
 /// `entity NAME: ` for errors about one entity; nothing for the agent's own
@@ -109,6 +119,8 @@ impl SinkError {
             SinkError::Fenced { .. } => true,
             // The next cycle re-reads the window.
             SinkError::OutOfOrder { .. } => true,
+            // A replica catching up, or a failover under way.
+            SinkError::NotReplicated { .. } => true,
         }
     }
 
@@ -121,7 +133,8 @@ impl SinkError {
             SinkError::Reply { .. }
             | SinkError::StateVanished { .. }
             | SinkError::Fenced { .. }
-            | SinkError::OutOfOrder { .. } => false,
+            | SinkError::OutOfOrder { .. }
+            | SinkError::NotReplicated { .. } => false,
         }
     }
 }
@@ -145,6 +158,11 @@ fn is_transient_redis(error: &redis::RedisError) -> bool {
                 | redis::ErrorKind::ClusterConnectionNotFound
         )
         || matches!(error.code(), Some("OOM" | "LOADING" | "BUSY"))
+        // WAIT sent to a node that has just become a replica (a failover
+        // under way; the slot map catches up).
+        || error
+            .detail()
+            .is_some_and(|d| d.starts_with("WAIT cannot be used with replica"))
 }
 
 /// Every script highwater runs, by file: a command a script calls that Redis
@@ -388,6 +406,12 @@ pub struct Link<'a> {
 #[derive(Clone)]
 pub struct Sink {
     conn: Connection,
+    /// Replicas that must acknowledge a cycle's writes; `None`: as many as
+    /// the entity's shard has (at most one), on a cluster.
+    wait_replicas: Option<u32>,
+    wait_timeout: Duration,
+    /// The last `CLUSTER NODES` read, and when (shared by the entities).
+    topology: std::sync::Arc<tokio::sync::Mutex<Option<(std::time::Instant, String)>>>,
     prefix: String,
     dedup: Script,
     commit: Script,
@@ -404,8 +428,16 @@ impl Sink {
             error,
         };
         let conn = Connection::open(settings).await.map_err(connect_error)?;
+        let wait_replicas = match settings.wait_for_replicas {
+            Some(n) => Some(n),
+            None if conn.is_cluster() => None,
+            None => Some(0),
+        };
         Ok(Sink {
             conn,
+            wait_replicas,
+            wait_timeout: settings.timeout,
+            topology: Default::default(),
             prefix: settings.key_prefix.clone(),
             dedup: Script::new(DEDUP_LUA),
             commit: Script::new(COMMIT_LUA),
@@ -417,6 +449,66 @@ impl Sink {
     /// The keys of an entity.
     pub fn keys(&self, entity: &EntitySettings) -> EntityKeys {
         EntityKeys::new(&self.prefix, &entity.name, &entity.stream)
+    }
+
+    /// Waits until `wait_for_replicas` replicas hold every write this agent
+    /// sent the node of the entity's keys (`WAIT`); on a cluster, unless
+    /// configured, one replica when the entity's shard has any. At once
+    /// when none is asked for. Fewer within the timeout:
+    /// [`SinkError::NotReplicated`].
+    pub async fn await_replicas(
+        &self,
+        entity: &EntitySettings,
+        keys: &EntityKeys,
+    ) -> Result<(), SinkError> {
+        let failed = |error| SinkError::Command {
+            entity: entity.name.clone(),
+            action: "WAIT for the replicas",
+            error,
+        };
+        let mut conn = self.conn.clone();
+        let wanted = match self.wait_replicas {
+            Some(n) => n,
+            None => {
+                let nodes = self.topology(&mut conn).await.map_err(failed)?;
+                crate::connection::replicas_of_slot(
+                    &nodes,
+                    crate::connection::slot_of(&keys.stream),
+                )
+                .min(1)
+            }
+        };
+        if wanted == 0 {
+            return Ok(());
+        }
+        let acked = conn
+            .wait_for_replicas(&keys.stream, wanted, self.wait_timeout)
+            .await
+            .map_err(failed)?;
+        if acked < wanted {
+            // The topology may have changed (a failover): read it again.
+            *self.topology.lock().await = None;
+            return Err(SinkError::NotReplicated {
+                entity: entity.name.clone(),
+                acked,
+                wanted,
+                timeout: self.wait_timeout,
+            });
+        }
+        Ok(())
+    }
+
+    /// `CLUSTER NODES`, read at most once a second for all entities.
+    async fn topology(&self, conn: &mut Connection) -> redis::RedisResult<String> {
+        let mut cached = self.topology.lock().await;
+        if let Some((at, nodes)) = cached.as_ref() {
+            if at.elapsed() < Duration::from_secs(1) {
+                return Ok(nodes.clone());
+            }
+        }
+        let nodes = conn.cluster_nodes().await?.unwrap_or_default();
+        *cached = Some((std::time::Instant::now(), nodes.clone()));
+        Ok(nodes)
     }
 
     /// A connection handle (cheap clone of the managed connection).
