@@ -538,17 +538,22 @@ impl EntityTask {
         loop {
             if self.claim.as_ref().is_none_or(|c| c.held().is_some()) {
                 let entity = self.settings();
-                let keys = self.sink.keys(entity);
-                match self.sink.retain(entity, &keys).await {
-                    Ok(retained) => {
-                        crate::retention::log_dropped(entity, &retained);
-                        crate::metrics::global().record_retention(
-                            &entity.name,
-                            &entity.stream,
-                            &retained,
-                        );
-                        failed = false;
+                let mut result = Ok(());
+                for keys in self.sink.partition_keys(entity) {
+                    match self.sink.retain(entity, &keys).await {
+                        Ok(retained) => {
+                            crate::retention::log_dropped(entity, &keys.stream, &retained);
+                            crate::metrics::global().record_retention(
+                                &entity.name,
+                                &keys.stream,
+                                &retained,
+                            );
+                        }
+                        Err(error) => result = Err(error),
                     }
+                }
+                match result {
+                    Ok(()) => failed = false,
                     // Once per run of failures: the memory watch says how Redis is.
                     Err(error) if !failed => {
                         tracing::warn!(entity = %self.entity, error = %error_chain(&error), "applying the stream's retention while paused failed");
@@ -641,12 +646,8 @@ impl EntityTask {
                             stream_entries,
                         );
                     }
-                    if let Some(retained) = &report.retained {
-                        crate::metrics::global().record_retention(
-                            &self.entity,
-                            &self.settings().stream,
-                            retained,
-                        );
+                    for (stream, retained) in &report.retained {
+                        crate::metrics::global().record_retention(&self.entity, stream, retained);
                     }
                     if report.interrupted {
                         return;

@@ -136,6 +136,9 @@ struct RawRedis {
     /// `true`: a Redis Cluster (the URL names any node; the others are
     /// discovered); `false`: one server. Left out: asked of the server.
     cluster: Option<bool>,
+    /// Replicas that must hold a cycle's writes before it counts as done
+    /// (`WAIT`); left out: 1 on a Redis Cluster with replicas, else 0.
+    wait_for_replicas: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -273,6 +276,9 @@ pub struct RedisSettings {
     /// A Redis Cluster (`Some(true)`), one server (`Some(false)`), or ask
     /// the server (`None`: `INFO cluster`).
     pub cluster: Option<bool>,
+    /// Replicas that must acknowledge a cycle's writes (`WAIT`) before it
+    /// counts as done; `None`: 1 on a Redis Cluster that has replicas, else 0.
+    pub wait_for_replicas: Option<u32>,
 }
 
 impl RedisSettings {
@@ -285,6 +291,7 @@ impl RedisSettings {
             timeout: DEFAULT_TIMEOUT,
             pause_at_memory: DEFAULT_PAUSE_AT_MEMORY,
             cluster: None,
+            wait_for_replicas: None,
         }
     }
 }
@@ -630,6 +637,7 @@ fn validate(path: &Path, base_dir: &Path, raw: RawConfig) -> Result<Config, Conf
         ),
         pause_at_memory: raw.redis.pause_at_memory.unwrap_or(DEFAULT_PAUSE_AT_MEMORY),
         cluster: raw.redis.cluster,
+        wait_for_replicas: raw.redis.wait_for_replicas,
         url: raw.redis.url,
     };
     if !(redis.pause_at_memory > 0.0 && redis.pause_at_memory <= 1.0) {

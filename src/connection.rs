@@ -203,6 +203,28 @@ impl Connection {
             .collect()
     }
 
+    /// `CLUSTER NODES` of the cluster (any node's view); `None` on one server.
+    pub async fn cluster_nodes(&mut self) -> RedisResult<Option<String>> {
+        let Connection::Cluster(conn) = self else {
+            return Ok(None);
+        };
+        let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(conn).await?;
+        Ok(Some(nodes))
+    }
+
+    /// `WAIT replicas timeout` on the node that serves `key`: how many
+    /// replicas acknowledged every write this connection sent that node.
+    pub async fn wait_for_replicas(
+        &mut self,
+        key: &str,
+        replicas: u32,
+        timeout: Duration,
+    ) -> RedisResult<u32> {
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(replicas).arg(timeout.as_millis().max(1) as u64);
+        self.on_node_of(key, &cmd).await
+    }
+
     /// The address (`host:port`) of the primary serving `key` now, from
     /// `CLUSTER SHARDS`; `None` on one server.
     pub async fn node_of(&mut self, key: &str) -> RedisResult<Option<String>> {
@@ -242,6 +264,39 @@ impl Connection {
         }
         Ok(None)
     }
+}
+
+/// How many replicas of the master serving `slot` a `CLUSTER NODES` text
+/// lists and does not mark failed: connected or not, they are meant to
+/// hold its writes (a replica cut off for a while still counts, so that a
+/// cycle waits for it rather than count on a copy nobody has).
+pub fn replicas_of_slot(nodes: &str, slot: u16) -> u32 {
+    let fields: Vec<Vec<&str>> = nodes
+        .lines()
+        .map(|line| line.split(' ').collect())
+        .filter(|f: &Vec<&str>| f.len() >= 8)
+        .collect();
+    let flags = |f: &Vec<&str>, flag: &str| f[2].split(',').any(|x| x == flag);
+    let serves = |f: &Vec<&str>| {
+        f[8..].iter().any(|range| {
+            let mut ends = range.splitn(2, '-');
+            let first = ends.next().and_then(|a| a.parse::<u16>().ok());
+            let last = ends.next().map_or(first, |b| b.parse::<u16>().ok());
+            matches!((first, last), (Some(a), Some(b)) if (a..=b).contains(&slot))
+        })
+    };
+    let Some(master) = fields
+        .iter()
+        .find(|f| flags(f, "master") && !flags(f, "fail") && serves(f))
+    else {
+        return 0;
+    };
+    fields
+        .iter()
+        .filter(|f| {
+            (flags(f, "slave") || flags(f, "replica")) && !flags(f, "fail") && f[3] == master[0]
+        })
+        .count() as u32
 }
 
 /// Does the server at the URL run in cluster mode (`INFO cluster`:
@@ -327,6 +382,30 @@ fn crc16(bytes: &[u8]) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replicas_are_counted_per_shard_without_the_failed_ones() {
+        let nodes = "\
+a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
+b1 127.0.0.1:7001@17001 master - 0 0 2 connected 5461-10922
+c1 127.0.0.1:7002@17002 master,fail - 0 0 3 disconnected
+c2 127.0.0.1:7005@17005 master - 0 0 7 connected 10923-16383
+a2 127.0.0.1:7003@17003 slave a1 0 0 1 connected
+b2 127.0.0.1:7004@17004 slave b1 0 0 2 disconnected
+b3 127.0.0.1:7006@17006 slave,fail b1 0 0 2 disconnected
+";
+        assert_eq!(replicas_of_slot(nodes, 100), 1);
+        assert_eq!(
+            replicas_of_slot(nodes, 6000),
+            1,
+            "a cut-off replica counts, a failed one not"
+        );
+        assert_eq!(
+            replicas_of_slot(nodes, 16000),
+            0,
+            "promoted, its old master failed"
+        );
+    }
 
     #[test]
     fn slots_follow_the_hash_tag() {

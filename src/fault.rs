@@ -1,6 +1,7 @@
 //! Crash points for fault-injection tests: with `HIGHWATER_CRASH_AT` set to
 //! `after-chunk:N` (after the N-th chunk of a cycle was applied) or
-//! `before-commit` (after the last chunk, before the commit script), the
+//! `before-commit` (after the last chunk, before the commit script) or
+//! `before-partition-commit:N` (partitions 0..N committed, N not yet), the
 //! process aborts there, like `kill -9` at the worst moment. Unset, each
 //! check is one read of a value parsed once. `HIGHWATER_UNFENCED=1` turns
 //! the leases off (see [`unfenced`]).
@@ -11,6 +12,8 @@ use std::sync::OnceLock;
 enum CrashPoint {
     AfterChunk(u64),
     BeforeCommit,
+    /// After partition `n - 1`'s commit, before partition `n`'s.
+    BetweenPartitions(usize),
 }
 
 fn crash_point() -> Option<CrashPoint> {
@@ -19,10 +22,13 @@ fn crash_point() -> Option<CrashPoint> {
         let value = std::env::var("HIGHWATER_CRASH_AT").ok()?;
         match value.as_str() {
             "before-commit" => Some(CrashPoint::BeforeCommit),
-            other => other
-                .strip_prefix("after-chunk:")
-                .and_then(|n| n.parse().ok())
-                .map(CrashPoint::AfterChunk),
+            other => match other.strip_prefix("before-partition-commit:") {
+                Some(n) => n.parse().ok().map(CrashPoint::BetweenPartitions),
+                None => other
+                    .strip_prefix("after-chunk:")
+                    .and_then(|n| n.parse().ok())
+                    .map(CrashPoint::AfterChunk),
+            },
         }
     })
 }
@@ -44,6 +50,19 @@ pub fn before_commit() {
     if crash_point() == Some(CrashPoint::BeforeCommit) {
         crash("before the commit");
     }
+}
+
+/// Called before partition `p`'s commit (`p` > 0): the ones before it committed.
+pub fn between_partition_commits(p: usize) {
+    if crash_point() == Some(CrashPoint::BetweenPartitions(p)) {
+        crash(&format!("before the commit of partition {p}"));
+    }
+}
+
+/// A crash between two partitions' commits is asked for: they commit one
+/// after the other, so that the crash falls between two of them.
+pub fn crash_between_partitions() -> bool {
+    matches!(crash_point(), Some(CrashPoint::BetweenPartitions(_)))
 }
 
 /// `HIGHWATER_UNFENCED=1`: `run` takes no leases and writes every entity

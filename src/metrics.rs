@@ -779,7 +779,7 @@ mod tests {
             interrupted: false,
             started_at_ms: 1_700_000_000_000,
             sizes: Some((rows, rows)),
-            retained: None,
+            retained: Vec::new(),
             extension: 0,
             horizon: None,
             beyond_max: false,

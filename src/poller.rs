@@ -692,36 +692,49 @@ pub async fn run_cycle(
         };
         // Each partition commits its own watermark; the next window starts
         // from the oldest, so a crash between two commits re-reads.
-        let commits = lanes.iter().zip(&states).enumerate().map(|(p, (lane, state))| {
-            let watermark = if resnapshot { None } else { state.watermark };
-            // No later window of this partition starts before this, as the
-            // database will be asked for it (src/window.rs); the script's
-            // W_new is at least this one's.
-            let trim_below = watermark.max(candidate).map(|w| {
-                source.bound_since(
-                    prepared,
-                    crate::window::trim_below(entity, w, t0, &sessions),
-                )
-            });
-            let figures = &figures;
-            async move {
-                if p > 0 {
-                    crate::fault::between_partition_commits(p);
+        let commits: Vec<_> = lanes
+            .iter()
+            .zip(&states)
+            .enumerate()
+            .map(|(p, (lane, state))| {
+                let watermark = if resnapshot { None } else { state.watermark };
+                // No later window of this partition starts before this, as the
+                // database will be asked for it (src/window.rs); the script's
+                // W_new is at least this one's.
+                let trim_below = watermark.max(candidate).map(|w| {
+                    source.bound_since(
+                        prepared,
+                        crate::window::trim_below(entity, w, t0, &sessions),
+                    )
+                });
+                let figures = &figures;
+                let (keys, expect_state) = (lane.keys, lane.expect_state);
+                async move {
+                    if p > 0 {
+                        crate::fault::between_partition_commits(p);
+                    }
+                    let committed = sink
+                        .commit(
+                            entity,
+                            keys,
+                            &Commit {
+                                candidate,
+                                trim_below,
+                                figures,
+                                expect_state,
+                                fence,
+                            },
+                        )
+                        .await?;
+                    // On a replicated Redis, the cycle is done once a replica
+                    // holds its writes: a failover before that may roll them
+                    // back, and a version overwritten before the re-read would
+                    // be gone.
+                    sink.await_replicas(entity, keys).await?;
+                    Ok::<_, SinkError>(committed)
                 }
-                sink.commit(
-                    entity,
-                    lane.keys,
-                    &Commit {
-                        candidate,
-                        trim_below,
-                        figures,
-                        expect_state: lane.expect_state,
-                        fence,
-                    },
-                )
-                .await
-            }
-        });
+            })
+            .collect();
         let committed = if partitioned {
             // One after the other on one server would cost a round trip
             // each; at once they go to their shards in parallel. The crash
@@ -749,7 +762,9 @@ pub async fn run_cycle(
             sizes.0 += committed.dedup_keys;
             sizes.1 += committed.stream_entries;
             crate::retention::log_dropped(entity, &lane.keys.stream, &committed.retained);
-            report.retained.push((lane.keys.stream.clone(), committed.retained));
+            report
+                .retained
+                .push((lane.keys.stream.clone(), committed.retained));
         }
         report.watermark = watermark.flatten();
         report.sizes = Some(sizes);

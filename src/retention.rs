@@ -82,11 +82,11 @@ pub fn args(entity: &EntitySettings) -> [u64; 3] {
 }
 
 /// Warns of every entry the hard cap dropped before a group acknowledged it.
-pub fn log_dropped(entity: &EntitySettings, retained: &Retained) {
+pub fn log_dropped(entity: &EntitySettings, stream: &str, retained: &Retained) {
     for g in retained.groups.iter().filter(|g| g.dropped > 0) {
         tracing::warn!(
             entity = %entity.name,
-            stream = %entity.stream,
+            stream = %stream,
             group = %g.name,
             dropped = g.dropped,
             hard_max_stream_length = entity.hard_max_stream_length.unwrap_or(0),

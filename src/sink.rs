@@ -82,6 +82,16 @@ pub enum SinkError {
         action: &'static str,
         last: Option<String>,
     },
+    /// The cycle's writes reached fewer replicas than `wait_for_replicas`
+    /// within the timeout: a failover now could roll them back, so the
+    /// cycle does not count as done (the next one goes on from it).
+    #[error("entity {entity}: the cycle's writes reached {acked} of the {wanted} replica(s) wait_for_replicas asks for within {}: not counted as done (a failover now could roll them back)", humantime::format_duration(*timeout))]
+    NotReplicated {
+        entity: String,
+        acked: u32,
+        wanted: u32,
+        timeout: Duration,
+    },
 }
 
 /// `entity NAME: ` for errors about one entity; nothing for the agent's own
@@ -109,6 +119,8 @@ impl SinkError {
             SinkError::Fenced { .. } => true,
             // The next cycle re-reads the window.
             SinkError::OutOfOrder { .. } => true,
+            // A replica catching up, or a failover under way.
+            SinkError::NotReplicated { .. } => true,
         }
     }
 
@@ -121,7 +133,8 @@ impl SinkError {
             SinkError::Reply { .. }
             | SinkError::StateVanished { .. }
             | SinkError::Fenced { .. }
-            | SinkError::OutOfOrder { .. } => false,
+            | SinkError::OutOfOrder { .. }
+            | SinkError::NotReplicated { .. } => false,
         }
     }
 }
@@ -145,6 +158,11 @@ fn is_transient_redis(error: &redis::RedisError) -> bool {
                 | redis::ErrorKind::ClusterConnectionNotFound
         )
         || matches!(error.code(), Some("OOM" | "LOADING" | "BUSY"))
+        // WAIT sent to a node that has just become a replica (a failover
+        // under way; the slot map catches up).
+        || error
+            .detail()
+            .is_some_and(|d| d.starts_with("WAIT cannot be used with replica"))
 }
 
 /// Every script highwater runs, by file: a command a script calls that Redis
@@ -304,6 +322,8 @@ pub struct StateSnapshot {
     pub lease: LeaseRenewal,
     /// What the last commits left for the window (src/window.rs).
     pub window: crate::window::Remembered,
+    /// The `partitions` the last commit recorded (`None`: before partitions).
+    pub partitions: Option<u32>,
 }
 
 /// The lease a cycle started with, as lua/begin.lua found it.
@@ -341,6 +361,8 @@ pub struct CycleFigures {
     /// oldest open transaction seen (`horizon`, the next window reaches it).
     pub extension: i64,
     pub horizon: Option<crate::source::OpenTransaction>,
+    /// The entity's `partitions`, recorded so that a change is refused.
+    pub partitions: u32,
 }
 
 /// What a cycle commits (see [`Sink::commit`]).
@@ -388,6 +410,12 @@ pub struct Link<'a> {
 #[derive(Clone)]
 pub struct Sink {
     conn: Connection,
+    /// Replicas that must acknowledge a cycle's writes; `None`: as many as
+    /// the entity's shard has (at most one), on a cluster.
+    wait_replicas: Option<u32>,
+    wait_timeout: Duration,
+    /// The last `CLUSTER NODES` read, and when (shared by the entities).
+    topology: std::sync::Arc<tokio::sync::Mutex<Option<(std::time::Instant, String)>>>,
     prefix: String,
     dedup: Script,
     commit: Script,
@@ -404,8 +432,16 @@ impl Sink {
             error,
         };
         let conn = Connection::open(settings).await.map_err(connect_error)?;
+        let wait_replicas = match settings.wait_for_replicas {
+            Some(n) => Some(n),
+            None if conn.is_cluster() => None,
+            None => Some(0),
+        };
         Ok(Sink {
             conn,
+            wait_replicas,
+            wait_timeout: settings.timeout,
+            topology: Default::default(),
             prefix: settings.key_prefix.clone(),
             dedup: Script::new(DEDUP_LUA),
             commit: Script::new(COMMIT_LUA),
@@ -417,6 +453,91 @@ impl Sink {
     /// The keys of an entity.
     pub fn keys(&self, entity: &EntitySettings) -> EntityKeys {
         EntityKeys::new(&self.prefix, &entity.name, &entity.stream)
+    }
+
+    /// The keys of each partition of an entity (one: its own keys).
+    pub fn partition_keys(&self, entity: &EntitySettings) -> Vec<EntityKeys> {
+        crate::partition::keys(&self.prefix, entity)
+    }
+
+    /// With one partition configured and no state of its own: the
+    /// `partitions` recorded by partition 0's state, if the entity ran
+    /// partitioned before.
+    pub async fn partitions_written(
+        &self,
+        entity: &EntitySettings,
+    ) -> Result<Option<u32>, SinkError> {
+        let keys = EntityKeys::new(&self.prefix, &entity.name, &format!("{}:0", entity.stream));
+        let mut conn = self.conn.clone();
+        let written: Option<String> =
+            conn.hget(&keys.state, "partitions")
+                .await
+                .map_err(|error| SinkError::Command {
+                    entity: entity.name.clone(),
+                    action: "reading the state",
+                    error,
+                })?;
+        Ok(written.and_then(|n| n.parse().ok()))
+    }
+
+    /// Waits until `wait_for_replicas` replicas hold every write this agent
+    /// sent the node of the entity's keys (`WAIT`); on a cluster, unless
+    /// configured, one replica when the entity's shard has any. At once
+    /// when none is asked for. Fewer within the timeout:
+    /// [`SinkError::NotReplicated`].
+    pub async fn await_replicas(
+        &self,
+        entity: &EntitySettings,
+        keys: &EntityKeys,
+    ) -> Result<(), SinkError> {
+        let failed = |error| SinkError::Command {
+            entity: entity.name.clone(),
+            action: "WAIT for the replicas",
+            error,
+        };
+        let mut conn = self.conn.clone();
+        let wanted = match self.wait_replicas {
+            Some(n) => n,
+            None => {
+                let nodes = self.topology(&mut conn).await.map_err(failed)?;
+                crate::connection::replicas_of_slot(
+                    &nodes,
+                    crate::connection::slot_of(&keys.stream),
+                )
+                .min(1)
+            }
+        };
+        if wanted == 0 {
+            return Ok(());
+        }
+        let acked = conn
+            .wait_for_replicas(&keys.stream, wanted, self.wait_timeout)
+            .await
+            .map_err(failed)?;
+        if acked < wanted {
+            // The topology may have changed (a failover): read it again.
+            *self.topology.lock().await = None;
+            return Err(SinkError::NotReplicated {
+                entity: entity.name.clone(),
+                acked,
+                wanted,
+                timeout: self.wait_timeout,
+            });
+        }
+        Ok(())
+    }
+
+    /// `CLUSTER NODES`, read at most once a second for all entities.
+    async fn topology(&self, conn: &mut Connection) -> redis::RedisResult<String> {
+        let mut cached = self.topology.lock().await;
+        if let Some((at, nodes)) = cached.as_ref() {
+            if at.elapsed() < Duration::from_secs(1) {
+                return Ok(nodes.clone());
+            }
+        }
+        let nodes = conn.cluster_nodes().await?.unwrap_or_default();
+        *cached = Some((std::time::Instant::now(), nodes.clone()));
+        Ok(nodes)
     }
 
     /// A connection handle (cheap clone of the managed connection).
@@ -490,6 +611,7 @@ impl Sink {
                 horizon: state.get("horizon").and_then(|h| h.parse().ok()),
                 trimmed: state.get("trimmed").and_then(|t| t.parse().ok()),
             },
+            partitions: state.get("partitions").and_then(|n| n.parse().ok()),
         })
     }
 
@@ -698,6 +820,8 @@ impl Sink {
                     .arg(figures.extension)
                     .arg("horizon")
                     .arg(horizon.map(|t| t.since.to_string()).unwrap_or_default())
+                    .arg("partitions")
+                    .arg(figures.partitions)
                     .arg("horizon_who")
                     .arg(
                         horizon
@@ -908,15 +1032,20 @@ mod tests {
         };
         assert!(!failed.is_transient());
 
-        // Redis 7.0 names only the script and the line: line 104 of dedup.lua calls XADD.
+        // Redis 7.0 names only the script and the line: the line of
+        // dedup.lua that calls XADD.
         let sha = Script::new(DEDUP_LUA).get_hash().to_owned();
+        let xadd = 1 + DEDUP_LUA
+            .lines()
+            .position(|l| l.contains("redis.call('XADD'"))
+            .expect("an XADD line");
         let in_script = refused(
             "ERR",
-            &format!("The user executing the script can't run this command or subcommand script: {sha}, on @user_script:104."),
+            &format!("The user executing the script can't run this command or subcommand script: {sha}, on @user_script:{xadd}."),
         );
-        assert!(describe(&in_script).starts_with(
-            "redis refused the command XADD at lua/dedup.lua line 104 (The user executing the script"
-        ));
+        assert!(describe(&in_script).starts_with(&format!(
+            "redis refused the command XADD at lua/dedup.lua line {xadd} (The user executing the script"
+        )));
         // The commit script begins with lua/retention.lua: a line is named
         // in the file it comes from.
         let sha = Script::new(COMMIT_LUA).get_hash().to_owned();

@@ -88,6 +88,9 @@ pub async fn record_failure(
 /// One entity, as `status` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct EntityStatus {
+    /// Which partition of the entity this is (`partitions` > 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
     pub entity: String,
     pub source: String,
     pub stream: String,
@@ -221,7 +224,16 @@ pub async fn status(config: &Config, only: Option<&str>) -> Result<Status, Statu
         .collect();
     let mut out = Vec::new();
     for entity in entities {
-        out.push(entity_status(config, &sink, entity).await?);
+        let own = sink.keys(entity);
+        let parts = sink.partition_keys(entity);
+        let partitioned = entity.partitions > 1;
+        for (p, keys) in parts.iter().enumerate() {
+            let mut status = entity_status(config, &sink, entity, keys, &own).await?;
+            if partitioned {
+                status.partition = Some(p as u32);
+            }
+            out.push(status);
+        }
     }
     Ok(Status {
         agents,
@@ -229,12 +241,16 @@ pub async fn status(config: &Config, only: Option<&str>) -> Result<Status, Statu
     })
 }
 
+/// One entity's (or one partition's, `keys`) status; `own`: the entity's
+/// own keys, which hold its lease.
 async fn entity_status(
     config: &Config,
     sink: &Sink,
     entity: &EntitySettings,
+    keys: &EntityKeys,
+    own: &EntityKeys,
 ) -> Result<EntityStatus, StatusError> {
-    let keys = sink.keys(entity);
+    let keys = keys.clone();
     let mut conn = sink.connection();
     type Reply = (
         HashMap<String, String>,
@@ -245,17 +261,33 @@ async fn entity_status(
         Option<String>,
         i64,
     );
-    let (state, failure, dedup_keys, stream_length, last, lease, lease_ms): Reply = redis::pipe()
-        .hgetall(&keys.state)
-        .hgetall(failure_key(&config.redis.key_prefix, entity))
-        .zcard(&keys.seen)
-        .xlen(&keys.stream)
-        .xrevrange_count(&keys.stream, "+", "-", 1)
-        .get(&keys.lease)
-        .pttl(&keys.lease)
-        .query_async(&mut conn)
-        .await
-        .map_err(|error| StatusError::Read {
+    let failure = failure_key(&config.redis.key_prefix, entity);
+    let cmd = |name: &str, key: &str, rest: &[&str]| {
+        let mut cmd = redis::cmd(name);
+        cmd.arg(key).arg(rest);
+        cmd
+    };
+    // A partition's keys and the entity's lease are in different slots:
+    // one pipeline per slot (on one server, one pipeline).
+    let read = async {
+        let replies: Vec<redis::Value> = conn
+            .pipelined(vec![
+                (keys.state.as_str(), cmd("HGETALL", &keys.state, &[])),
+                (failure.as_str(), cmd("HGETALL", &failure, &[])),
+                (keys.seen.as_str(), cmd("ZCARD", &keys.seen, &[])),
+                (keys.stream.as_str(), cmd("XLEN", &keys.stream, &[])),
+                (
+                    keys.stream.as_str(),
+                    cmd("XREVRANGE", &keys.stream, &["+", "-", "COUNT", "1"]),
+                ),
+                (own.lease.as_str(), cmd("GET", &own.lease, &[])),
+                (own.lease.as_str(), cmd("PTTL", &own.lease, &[])),
+            ])
+            .await?;
+        redis::from_redis_value::<Reply>(&redis::Value::Array(replies))
+    };
+    let (state, failure, dedup_keys, stream_length, last, lease, lease_ms): Reply =
+        read.await.map_err(|error| StatusError::Read {
             entity: entity.name.clone(),
             error,
         })?;
@@ -315,6 +347,7 @@ async fn entity_status(
     };
     Ok(EntityStatus {
         entity: entity.name.clone(),
+        partition: None,
         source: entity.source.clone(),
         stream: keys.stream.clone(),
         cursor,
@@ -445,7 +478,10 @@ pub fn render_text(status: &Status) -> String {
         if i > 0 {
             out.push('\n');
         }
-        out.push_str(&format!("{} (source {})\n", s.entity, s.source));
+        let partition = s
+            .partition
+            .map_or_else(String::new, |p| format!(", partition {p}"));
+        out.push_str(&format!("{} (source {}){partition}\n", s.entity, s.source));
         let lease = match &s.lease {
             Some(l) => format!(
                 "held by {} (token {}, expires in {:.1}s unless renewed)",
@@ -568,7 +604,8 @@ pub async fn wait(
         .into_iter()
         .map(|e| {
             let failure = failure_key(&config.redis.key_prefix, e);
-            (e, sink.keys(e), failure)
+            // Every partition commits the cycle's figures: the first one's say it.
+            (e, sink.partition_keys(e).swap_remove(0), failure)
         })
         .collect();
     let mut told_failure: HashMap<String, i64> = HashMap::new();
@@ -578,15 +615,22 @@ pub async fn wait(
             let mut conn = sink.connection();
             // last_started_at_ms, last_rows, last_emitted; failure at_ms, error.
             type Read = (Vec<Option<i64>>, Option<i64>, Option<String>);
-            let read: redis::RedisResult<Read> = redis::pipe()
-                .hget(
-                    &keys.state,
-                    &["last_started_at_ms", "last_rows", "last_emitted"],
-                )
-                .hget(&failure, "at_ms")
-                .hget(&failure, "error")
-                .query_async(&mut conn)
-                .await;
+            let mut state = redis::cmd("HMGET");
+            state
+                .arg(&keys.state)
+                .arg(&["last_started_at_ms", "last_rows", "last_emitted"]);
+            let mut at = redis::cmd("HGET");
+            at.arg(&failure).arg("at_ms");
+            let mut error = redis::cmd("HGET");
+            error.arg(&failure).arg("error");
+            let read: redis::RedisResult<Read> = conn
+                .pipelined::<redis::Value>(vec![
+                    (keys.state.as_str(), state),
+                    (failure.as_str(), at),
+                    (failure.as_str(), error),
+                ])
+                .await
+                .and_then(|replies| redis::from_redis_value(&redis::Value::Array(replies)));
             match read {
                 Ok((figures, failed_at, error)) => {
                     if let Some(started) = figures[0].filter(|&s| s > since_ms) {

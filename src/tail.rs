@@ -37,12 +37,17 @@ pub enum TailError {
         #[source]
         error: redis::RedisError,
     },
+    /// What was asked cannot be done as asked.
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl TailError {
     /// The network or a restarting Redis: worth reconnecting and reading on.
     pub fn is_transient(&self) -> bool {
-        let (TailError::Connect { error, .. } | TailError::Read { error, .. }) = self;
+        let (TailError::Connect { error, .. } | TailError::Read { error, .. }) = self else {
+            return false;
+        };
         error.is_io_error()
             || error.is_timeout()
             || error.is_connection_dropped()
@@ -706,10 +711,18 @@ pub async fn tail(
 ) -> Result<(), TailError> {
     use std::io::Write as _;
 
-    let (stream, cursor) = match config.entities.get(&options.target) {
-        Some(entity) => (entity.stream.clone(), Some(entity.cursor_kind)),
-        None => (options.target.clone(), None),
+    // An entity over several partitions: all its streams (a group reads one
+    // stream: name the partition's stream, `<stream>:<n>`).
+    let (streams, cursor) = match config.entities.get(&options.target) {
+        Some(entity) => (
+            (0..entity.partitions.max(1) as usize)
+                .map(|p| crate::partition::stream(entity, p))
+                .collect::<Vec<_>>(),
+            Some(entity.cursor_kind),
+        ),
+        None => (vec![options.target.clone()], None),
     };
+    let stream = streams[0].clone();
     let start = if options.from_start {
         StartAt::Beginning
     } else {
@@ -742,15 +755,24 @@ pub async fn tail(
     };
     match &options.group {
         None => {
-            let mut follower =
-                Follower::connect(&config.redis, std::slice::from_ref(&stream), start, cursor)
-                    .await?;
-            eprintln!("following stream {stream} {from}; Ctrl-C stops");
+            let mut follower = Follower::connect(&config.redis, &streams, start, cursor).await?;
+            eprintln!(
+                "following stream{} {} {from}; Ctrl-C stops",
+                if streams.len() > 1 { "s" } else { "" },
+                streams.join(", ")
+            );
             follow(&mut follower, shutdown, |entry| {
                 print(&entry);
             })
             .await
         }
+        Some(_) if streams.len() > 1 => Err(TailError::Usage(format!(
+            "entity {} is spread over {} streams ({}): a consumer group reads one stream; tail the partition's stream, e.g. `highwater tail {} --group ...`",
+            options.target,
+            streams.len(),
+            streams.join(", "),
+            streams[0]
+        ))),
         Some(group) => {
             let (mut follower, created) = GroupFollower::connect(
                 &config.redis,

@@ -39,7 +39,7 @@ async fn fixture(cluster: &PrivateCluster, every: &str) -> Fixture {
     let config = env.file(
         "highwater.toml",
         &format!(
-            "[redis]\nurl = \"{}\"\nkey_prefix = \"{}\"\n\n[agent]\nlease = \"2s\"\n\n[http]\nlisten = \"\"\n\n[sources.db]\nurl = \"{}\"\n\n{}{}",
+            "[redis]\nurl = \"{}\"\nkey_prefix = \"{}\"\ntimeout = \"5s\"\n\n[agent]\nlease = \"2s\"\n\n[http]\nlisten = \"\"\n\n[sources.db]\nurl = \"{}\"\n\n{}{}",
             cluster.url(),
             env.prefix,
             sqlite_url(&db),

@@ -1,9 +1,16 @@
 //! A private `redis-server` per scenario, on a free port, so that a test may
 //! kill it, restart it, flush it or fill its memory without touching anyone
-//! else's data.
+//! else's data; or a private Redis Cluster ([`PrivateCluster`]) whose
+//! masters a scenario fails over, read through a cluster connection.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+
+use crate::common::cluster::PrivateCluster;
 
 /// How the private server runs.
 #[derive(Clone, Debug, Default)]
@@ -156,6 +163,115 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A scenario's Redis: one private server, or a private cluster.
+pub enum ModelRedis {
+    Server(RedisServer),
+    Cluster(PrivateCluster),
+}
+
+impl ModelRedis {
+    /// The URL for the agents' config. On a cluster, a master that does not
+    /// serve `stream`'s slot: the node stays up when the scenario kills the
+    /// entity's masters, so that agents restarted after a kill still reach
+    /// the cluster through it.
+    pub async fn config_url(&self, stream: &str) -> String {
+        match self {
+            ModelRedis::Server(server) => server.url(),
+            ModelRedis::Cluster(cluster) => {
+                let entity_master = cluster
+                    .master_of_slot(PrivateCluster::slot_of(stream))
+                    .await;
+                let port = cluster
+                    .master_ports()
+                    .into_iter()
+                    .find(|&port| port != entity_master)
+                    .expect("a cluster of several masters");
+                format!("redis://127.0.0.1:{port}")
+            }
+        }
+    }
+
+    /// A new connection: to the server, or to the cluster (commands go to
+    /// the node serving their key, MOVED is followed; connected through
+    /// the live nodes, so a connection made after a failover knows the
+    /// promoted master).
+    pub async fn conn(&self) -> ModelConn {
+        match self {
+            ModelRedis::Server(server) => ModelConn::Server(server.conn().await),
+            ModelRedis::Cluster(cluster) => {
+                let client = redis::cluster::ClusterClientBuilder::new(cluster.urls())
+                    .connection_timeout(Duration::from_secs(2))
+                    .response_timeout(Duration::from_secs(5))
+                    .build()
+                    .expect("cluster urls");
+                let conn =
+                    tokio::time::timeout(Duration::from_secs(10), client.get_async_connection())
+                        .await
+                        .unwrap_or_else(|_| panic!("no cluster connection within 10 s"))
+                        .unwrap_or_else(|e| panic!("connect to the private cluster: {e}"));
+                ModelConn::Cluster(conn)
+            }
+        }
+    }
+
+    /// The private server, for what only a single server does (restarts,
+    /// `FLUSHALL`, memory figures, a consumer group's connection).
+    pub fn server(&self) -> &RedisServer {
+        match self {
+            ModelRedis::Server(server) => server,
+            ModelRedis::Cluster(_) => panic!("this scenario runs on a cluster, not one server"),
+        }
+    }
+
+    pub fn server_mut(&mut self) -> &mut RedisServer {
+        match self {
+            ModelRedis::Server(server) => server,
+            ModelRedis::Cluster(_) => panic!("this scenario runs on a cluster, not one server"),
+        }
+    }
+
+    pub fn cluster_mut(&mut self) -> &mut PrivateCluster {
+        match self {
+            ModelRedis::Cluster(cluster) => cluster,
+            ModelRedis::Server(_) => panic!("this scenario runs on one server, not a cluster"),
+        }
+    }
+}
+
+/// A connection to the scenario's Redis: commands run on it as on either.
+pub enum ModelConn {
+    Server(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for ModelConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            ModelConn::Server(conn) => conn.req_packed_command(cmd),
+            ModelConn::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            ModelConn::Server(conn) => conn.req_packed_commands(cmd, offset, count),
+            ModelConn::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            ModelConn::Server(conn) => conn.get_db(),
+            ModelConn::Cluster(conn) => conn.get_db(),
+        }
     }
 }
 

@@ -1,8 +1,9 @@
-//! One scenario's run: its database tables and writers, its private Redis,
-//! maybe a proxy in front of the database, the agents' config, the agent
-//! processes (one, or several sharing the config through leases, each
-//! restarted as often as the scenario likes, each with its own log), and at
-//! the end the catch-up, the check and the one-line report.
+//! One scenario's run: its database tables and writers, its private Redis
+//! (one server, or a cluster), maybe a proxy in front of the database, the
+//! agents' config, the agent processes (one, or several sharing the config
+//! through leases, each restarted as often as the scenario likes, each with
+//! its own log), and at the end the catch-up, the check and the one-line
+//! report.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -13,12 +14,13 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::common::cluster::PrivateCluster;
 use crate::common::Message;
 use crate::model::agent::{self, AgentLog, AgentProcess};
 use crate::model::checker::{self, Counts};
 use crate::model::consumer::{parse_entries, GroupConsumer, GROUP};
 use crate::model::proxy::Proxy;
-use crate::model::redis_server::{RedisOptions, RedisServer};
+use crate::model::redis_server::{ModelRedis, RedisOptions, RedisServer};
 use crate::model::workload::{
     self, url_via, Backend, Db, Tables, Timings, Workload, WorkloadSettings,
 };
@@ -55,6 +57,14 @@ pub struct Settings {
     /// The source's `timeout`.
     pub source_timeout: &'static str,
     pub redis: RedisOptions,
+    /// A private Redis Cluster (3 masters, [`Settings::cluster_replicas`]
+    /// replicas each) instead of the private server; `redis` is ignored.
+    /// What only one server does (restarts, `FLUSHALL`, memory, a slow
+    /// group) is not available.
+    pub cluster: bool,
+    /// Replicas per master of the cluster: each lets the entity's slot
+    /// fail over once more.
+    pub cluster_replicas: usize,
     pub pause_at_memory: Option<f64>,
     /// The agent reaches the database through a [`Proxy`].
     pub through_proxy: bool,
@@ -99,6 +109,8 @@ impl Settings {
             on_state_loss: "fail",
             source_timeout: "5s",
             redis: RedisOptions::default(),
+            cluster: false,
+            cluster_replicas: 1,
             pause_at_memory: None,
             through_proxy: false,
             preload: 0,
@@ -133,7 +145,7 @@ pub struct ModelRun {
     pub rng: StdRng,
     pub db: Db,
     pub tables: Tables,
-    pub redis: RedisServer,
+    pub redis: ModelRedis,
     pub proxy: Option<Proxy>,
     pub config: PathBuf,
     /// The log of agent 0 (every run of it), the only one of most scenarios.
@@ -275,7 +287,16 @@ impl ModelRun {
         let timings: Timings = Arc::new(Mutex::new(HashMap::new()));
         workload::preload(&db, &tables, settings.preload, &timings).await;
 
-        let redis = RedisServer::start(settings.redis.clone()).await;
+        let redis = if settings.cluster {
+            assert!(
+                !settings.slow_group,
+                "the slow consumer group reads one server"
+            );
+            ModelRedis::Cluster(PrivateCluster::start(3, settings.cluster_replicas, &[]).await)
+        } else {
+            ModelRedis::Server(RedisServer::start(settings.redis.clone()).await)
+        };
+        let redis_url = redis.config_url(ENTITY).await;
         let proxy = if settings.through_proxy {
             Some(Proxy::start(settings.backend.address()).await)
         } else {
@@ -323,7 +344,7 @@ max_stream_length = {max_stream_length}
 {hard_max}delete_column = "deleted"
 on_state_loss = "{on_state_loss}"
 "#,
-            redis = redis.url(),
+            redis = redis_url,
             source_timeout = settings.source_timeout,
             query = tables.query(),
             filter = settings.query_filter,
@@ -342,7 +363,7 @@ on_state_loss = "{on_state_loss}"
         std::fs::write(&config, text).expect("write config");
         let group = if settings.slow_group {
             let group_seed = rng.random();
-            Some(GroupConsumer::start(redis.conn().await, ENTITY, group_seed).await)
+            Some(GroupConsumer::start(redis.server().conn().await, ENTITY, group_seed).await)
         } else {
             None
         };
@@ -604,13 +625,14 @@ on_state_loss = "{on_state_loss}"
         self.proxy.as_ref().expect("a scenario with a proxy")
     }
 
-    /// Runs a command on the private Redis.
+    /// Runs a command on the private Redis (on a cluster, on the node that
+    /// serves its key).
     pub async fn redis_query<T: redis::FromRedisValue>(&self, command: &mut redis::Cmd) -> T {
         let mut conn = self.redis.conn().await;
         command
             .query_async(&mut conn)
             .await
-            .unwrap_or_else(|e| panic!("redis command on the private server: {e}"))
+            .unwrap_or_else(|e| panic!("redis command on the private redis: {e}"))
     }
 
     /// The SHA1 under which the agent's dedup script is cached (computed by
@@ -658,7 +680,7 @@ on_state_loss = "{on_state_loss}"
     /// Fills Redis with a filler key until `used_memory` is about `ratio`
     /// of `maxmemory` (above 1: every write is refused with OOM).
     pub async fn fill_memory(&self, ratio: f64) {
-        let (used, max) = self.redis.memory().await;
+        let (used, max) = self.redis.server().memory().await;
         let target = (max as f64 * ratio) as u64;
         assert!(target > used, "Redis already uses {used} of {max} bytes");
         let _: i64 = self
@@ -824,7 +846,8 @@ on_state_loss = "{on_state_loss}"
     /// the stream up to that instant (read and flush in one MULTI/EXEC).
     /// Returns the stream's length at that instant.
     pub async fn flushall_after_draining(&mut self) -> usize {
-        let mut conn = self.redis.conn().await;
+        // One server: a cluster has no MULTI across nodes for FLUSHALL.
+        let mut conn = self.redis.server().conn().await;
         let (length, entries, _): (usize, redis::Value, redis::Value) = redis::pipe()
             .atomic()
             .cmd("XLEN")
@@ -849,7 +872,7 @@ on_state_loss = "{on_state_loss}"
     /// length at that instant.
     pub async fn restart_empty_after_draining(&mut self) -> usize {
         assert!(!self.settings.redis.persistent);
-        let mut conn = self.redis.conn().await;
+        let mut conn = self.redis.server().conn().await;
         let _: () = redis::cmd("CLIENT")
             .arg("PAUSE")
             .arg(10_000)
@@ -863,7 +886,7 @@ on_state_loss = "{on_state_loss}"
             .await
             .expect("XLEN");
         self.drain().await;
-        self.redis.restart().await;
+        self.redis.server_mut().restart().await;
         self.last_id = "0".into();
         length
     }
