@@ -87,30 +87,7 @@ async fn cluster_conn(cluster: &PrivateCluster) -> redis::cluster_async::Cluster
 
 /// The stream as (pkey, v) in stream order.
 async fn versions(cluster: &PrivateCluster, stream: &str) -> Vec<(i64, i64)> {
-    let mut conn = cluster_conn(cluster).await;
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(stream)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .expect("XRANGE");
-    reply
-        .ids
-        .iter()
-        .map(|entry| {
-            let text = |field: &str| match entry.map.get(field) {
-                Some(redis::Value::BulkString(v)) => String::from_utf8_lossy(v).into_owned(),
-                other => panic!("entry {} has no {field}: {other:?}", entry.id),
-            };
-            let payload: serde_json::Value =
-                serde_json::from_str(&text("payload")).expect("payload is JSON");
-            (
-                text("pkey").parse().expect("integer keys"),
-                payload["v"].as_i64().expect("v"),
-            )
-        })
-        .collect()
+    common::cluster::stream_versions(Some(cluster), stream).await
 }
 
 async fn insert(pool: &sqlx::SqlitePool, from: i64, to: i64) {

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::cluster::PrivateCluster;
+use common::cluster::{stream_versions, PrivateCluster};
 use common::*;
 
 struct Fixture {
@@ -67,53 +67,6 @@ impl Fixture {
     }
 }
 
-/// (pkey, v) of every entry of a stream, in stream order; `cluster` reads
-/// through a cluster connection.
-async fn versions(cluster: Option<&PrivateCluster>, stream: &str) -> Vec<(i64, i64)> {
-    let reply: redis::streams::StreamRangeReply = match cluster {
-        Some(cluster) => {
-            let mut conn = redis::cluster::ClusterClient::new(cluster.urls())
-                .expect("cluster urls")
-                .get_async_connection()
-                .await
-                .expect("connect to the cluster");
-            redis::cmd("XRANGE")
-                .arg(stream)
-                .arg("-")
-                .arg("+")
-                .query_async(&mut conn)
-                .await
-                .expect("XRANGE")
-        }
-        None => {
-            let mut conn = redis_conn().await;
-            redis::cmd("XRANGE")
-                .arg(stream)
-                .arg("-")
-                .arg("+")
-                .query_async(&mut conn)
-                .await
-                .expect("XRANGE")
-        }
-    };
-    reply
-        .ids
-        .iter()
-        .map(|entry| {
-            let text = |field: &str| match entry.map.get(field) {
-                Some(redis::Value::BulkString(v)) => String::from_utf8_lossy(v).into_owned(),
-                other => panic!("entry {} has no {field}: {other:?}", entry.id),
-            };
-            let payload: serde_json::Value =
-                serde_json::from_str(&text("payload")).expect("payload is JSON");
-            (
-                text("pkey").parse().expect("integer keys"),
-                payload["v"].as_i64().expect("v"),
-            )
-        })
-        .collect()
-}
-
 /// Every partition's stream: partition -> (pkey, v) in stream order.
 async fn by_partition(
     cluster: Option<&PrivateCluster>,
@@ -122,7 +75,7 @@ async fn by_partition(
 ) -> BTreeMap<u32, Vec<(i64, i64)>> {
     let mut out = BTreeMap::new();
     for p in 0..partitions {
-        out.insert(p, versions(cluster, &format!("{stream}:{p}")).await);
+        out.insert(p, stream_versions(cluster, &format!("{stream}:{p}")).await);
     }
     out
 }

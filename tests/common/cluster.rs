@@ -762,3 +762,51 @@ impl Probe {
         parse_cluster_slots(&self.value(port, &["CLUSTER", "SLOTS"]).await?)
     }
 }
+
+/// (pkey, payload `v`) of every entry of a stream, in stream order, for
+/// tests whose rows carry a version column `v`; `cluster`: read through a
+/// cluster connection, else from the local Redis.
+pub async fn stream_versions(cluster: Option<&PrivateCluster>, stream: &str) -> Vec<(i64, i64)> {
+    let reply: redis::streams::StreamRangeReply = match cluster {
+        Some(cluster) => {
+            let mut conn = redis::cluster::ClusterClient::new(cluster.urls())
+                .expect("cluster urls")
+                .get_async_connection()
+                .await
+                .expect("connect to the cluster");
+            redis::cmd("XRANGE")
+                .arg(stream)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await
+                .expect("XRANGE")
+        }
+        None => {
+            let mut conn = crate::common::redis_conn().await;
+            redis::cmd("XRANGE")
+                .arg(stream)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await
+                .expect("XRANGE")
+        }
+    };
+    reply
+        .ids
+        .iter()
+        .map(|entry| {
+            let text = |field: &str| match entry.map.get(field) {
+                Some(redis::Value::BulkString(v)) => String::from_utf8_lossy(v).into_owned(),
+                other => panic!("entry {} has no {field}: {other:?}", entry.id),
+            };
+            let payload: serde_json::Value =
+                serde_json::from_str(&text("payload")).expect("payload is JSON");
+            (
+                text("pkey").parse().expect("integer keys"),
+                payload["v"].as_i64().expect("v"),
+            )
+        })
+        .collect()
+}
