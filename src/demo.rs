@@ -225,7 +225,7 @@ pub async fn run(
     say("(a row changed several times between two polls arrives once, in its latest state)");
     if let Some(first) = streams.first() {
         say(format!(
-            "read them again: redis-cli -u {} XRANGE {first} - +",
+            "read them again: redis-cli -c -u {} XRANGE {first} - +",
             mask_url(&options.redis_url)
         ));
     }
