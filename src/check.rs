@@ -216,8 +216,11 @@ async fn check_redis(config: &Config) -> (Vec<Finding>, Option<bool>) {
         check_redis_node(&mut report, &config.redis.url, node, info, save);
     }
     // The stream key of each entity must be a stream (or not exist yet).
-    for entity in config.entities.values() {
-        let keys = sink.keys(entity);
+    for (entity, keys) in config
+        .entities
+        .values()
+        .flat_map(|e| sink.partition_keys(e).into_iter().map(move |k| (e, k)))
+    {
         let kind: redis::RedisResult<String> = redis::cmd("TYPE")
             .arg(&keys.stream)
             .query_async(&mut conn)
@@ -243,8 +246,11 @@ async fn check_redis(config: &Config) -> (Vec<Finding>, Option<bool>) {
         }
     }
     if cluster {
-        for entity in config.entities.values() {
-            let keys = sink.keys(entity);
+        for (entity, keys) in config
+            .entities
+            .values()
+            .flat_map(|e| sink.partition_keys(e).into_iter().map(move |k| (e, k)))
+        {
             match conn.node_of(&keys.stream).await {
                 Ok(Some(node)) => report.push(
                     Level::Ok,

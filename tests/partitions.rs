@@ -157,6 +157,23 @@ async fn spread_once_in_order(cluster: Option<&PrivateCluster>, redis: &str, par
         .collect();
     assert_eq!(of_7, (1..=11).collect::<Vec<_>>(), "key 7 in order");
 
+    if let Some(cluster) = cluster {
+        // check: which node serves each partition.
+        let out = highwater(&["check", "--config", config.to_str().unwrap()]);
+        let report = String::from_utf8_lossy(&out.stdout);
+        for p in 0..partitions {
+            let stream = format!("{}:{p}", f.stream());
+            let slot = PrivateCluster::slot_of(&stream);
+            let node = cluster.master_of_slot(slot).await;
+            assert!(
+                report.contains(&format!(
+                    "entity items: stream {stream} is in slot {slot}, served by 127.0.0.1:{node}"
+                )),
+                "{report}"
+            );
+        }
+    }
+
     // status: a block per partition; tail: every partition's stream.
     let out = highwater(&["status", "--config", config.to_str().unwrap()]);
     let status = String::from_utf8_lossy(&out.stdout);
