@@ -57,12 +57,13 @@ end
 
 -- A partition of an entity (partitions = N: its keys are in another slot
 -- than the lease's) is fenced by the lease's token instead, "#<token>": the
--- highest token that wrote the partition is kept as `fence`, and a lower
--- one is refused, so once a new holder wrote here the old one cannot.
+-- partition's lease key holds the highest token that read (lua/begin.lua)
+-- or wrote it, and a lower one is refused, so once a new holder began a
+-- cycle on the partition the old one cannot write it.
 local token, fenced_by = nil, 0
 if string.sub(ARGV[5], 1, 1) == '#' then
   token = tonumber(string.sub(ARGV[5], 2))
-  fenced_by = tonumber(redis.call('HGET', state, 'fence') or '0')
+  fenced_by = tonumber(redis.call('GET', lease) or '0')
   if not token or token < fenced_by then
     return redis.error_reply('HWFENCED ')
   end
@@ -174,7 +175,7 @@ end
 if name ~= '' then
   redis.call('HSET', state, 'chunk', name)
 end
-if token and token > fenced_by and (emitted > 0 or name ~= '') then
-  redis.call('HSET', state, 'fence', token)
+if token and token > fenced_by then
+  redis.call('SET', lease, token)
 end
 return {emitted, writes}

@@ -844,7 +844,9 @@ async fn read_states(
         _ => None,
     };
     if entity.partitions <= 1 {
-        let state = sink.snapshot(&entity.name, &lane_keys[0], lease).await?;
+        let state = sink
+            .snapshot(&entity.name, &lane_keys[0], lease, None)
+            .await?;
         if let Some(holder) = lost_lease(&state) {
             return Err(CycleError::LeaseLost {
                 entity: entity.name.clone(),
@@ -860,12 +862,15 @@ async fn read_states(
         return Ok(vec![state]);
     }
     let own = sink.keys(entity);
+    // Each partition's fence is raised to this holder's token as its state
+    // is read: from here on an older holder's writes there are refused.
+    let token = lease.and_then(|(value, _)| crate::lease::parse_value(value).0);
     let (base, partitions) = futures_util::future::join(
-        sink.snapshot(&entity.name, &own, lease),
+        sink.snapshot(&entity.name, &own, lease, None),
         futures_util::future::try_join_all(
             lane_keys
                 .iter()
-                .map(|keys| sink.snapshot(&entity.name, keys, None)),
+                .map(|keys| sink.snapshot(&entity.name, keys, None, token)),
         ),
     )
     .await;
@@ -881,6 +886,16 @@ async fn read_states(
         return Err(partitions_changed(entity, 1));
     }
     let partitions = partitions?;
+    if partitions
+        .iter()
+        .any(|s| matches!(s.lease, LeaseRenewal::Lost { .. }))
+    {
+        return Err(CycleError::LeaseLost {
+            entity: entity.name.clone(),
+            holder: None,
+            refused: true,
+        });
+    }
     if let Some(was) = partitions
         .iter()
         .filter_map(|s| s.partitions)

@@ -563,12 +563,15 @@ impl Sink {
 
     /// Reads what a cycle needs to start, in one call of lua/begin.lua: the
     /// state hash, the size of the digest hash, and, given the caller's
-    /// lease value, the lease renewed for `lease` (or found lost).
+    /// lease value, the lease renewed for `lease` (or found lost). For a
+    /// partition, `token` instead: the partition's fence raised to it (or
+    /// the partition found taken by a newer holder: lost).
     pub async fn snapshot(
         &self,
         entity: &str,
         keys: &EntityKeys,
         lease: Option<(&str, Duration)>,
+        token: Option<u64>,
     ) -> Result<StateSnapshot, SinkError> {
         let mut cmd = redis::cmd("EVALSHA");
         let (value, ms) = lease.map_or(("", 0), |(value, lease)| (value, lease.as_millis()));
@@ -578,7 +581,8 @@ impl Sink {
             .arg(&keys.digest)
             .arg(&keys.lease)
             .arg(value)
-            .arg(ms as u64);
+            .arg(ms as u64)
+            .arg(token.map(|t| t.to_string()).unwrap_or_default());
         let (state, digests, renewal, current): (HashMap<String, String>, u64, String, String) =
             self.query_script(&self.begin, &cmd)
                 .await
