@@ -980,6 +980,42 @@ async fn two_agents_with_partitions_and_the_holder_paused_past_its_lease_lose_re
     );
 }
 
+/// Two agents on a partitioned entity; again and again the holder is
+/// paused while its polling query runs and resumed just after the other
+/// agent took the entity over (0 to 100 ms after its log says so): the
+/// stale holder's remaining chunks and its partitions' commits race its
+/// successor's first cycle, which read every partition's state at its
+/// start and has not written all of them yet. The token fence refuses a
+/// stale write only where the successor already wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_with_partitions_and_the_holder_resumed_during_the_takeover_lose_reorder_and_duplicate_nothing(
+) {
+    let mut settings = shared_by("two_agents_takeover_partitions", Backend::Postgres, 2);
+    settings.partitions = PARTITIONS;
+    settings.chunk_rows = Some(3);
+    settings.query_filter = " AND pg_sleep(0.002)::text = ''";
+    let mut run = ModelRun::new(settings).await;
+    run.start_agent_at(0, None);
+    first_cycle(&run).await;
+    run.start_agent_at(1, None);
+    let mut paused_ms = Vec::new();
+    for _ in 0..faults(6, 60) {
+        let gap = run.random_ms(200, 1200);
+        tokio::time::sleep(gap).await;
+        let holder = run.wait_for_holder(Duration::from_secs(15)).await;
+        run.wait_polling_query(Duration::from_secs(20)).await;
+        let extra = run.random_ms(0, 100);
+        let paused = run
+            .pause_agent_past_takeover(holder, 1 - holder, extra)
+            .await;
+        paused_ms.push(paused.as_millis().to_string());
+        run.count_fault("pause_until_takeover");
+    }
+    run.note(format!("paused_ms={}", paused_ms.join(",")));
+    let report = run.finish(false).await;
+    report.assert_clean();
+}
+
 /// The same pauses with `HIGHWATER_UNFENCED=1` (two agents writing without
 /// leases, as before them): a resumed agent applies a chunk of an older
 /// snapshot after the other emitted newer versions (again, or for the first

@@ -499,6 +499,41 @@ on_state_loss = "{on_state_loss}"
         self.pauses[slot].push((from, workload::now_micros()));
     }
 
+    /// Pauses agent `slot` (SIGSTOP) until agent `successor`'s log says it
+    /// took the entity over, then `extra` longer, and resumes it (SIGCONT):
+    /// the paused holder goes on with its cycle while its successor's
+    /// first one runs. Returns how long it was paused.
+    pub async fn pause_agent_past_takeover(
+        &mut self,
+        slot: usize,
+        successor: usize,
+        extra: Duration,
+    ) -> Duration {
+        let from = workload::now_micros();
+        let started = Instant::now();
+        let lines = self.logs[successor].len();
+        self.agent_at(slot).pause();
+        let deadline = Duration::from_secs(15);
+        while !self.logs[successor].lines()[lines..]
+            .iter()
+            .any(|l| l.contains("took over entity"))
+        {
+            if started.elapsed() > deadline {
+                self.agent_at(slot).resume();
+                panic!(
+                    "timed out after {deadline:?} waiting for agent {successor} to take over from paused agent {slot} (seed {}); logs in {}",
+                    self.seed,
+                    self.save_log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(extra).await;
+        self.agent_at(slot).resume();
+        self.pauses[slot].push((from, workload::now_micros()));
+        started.elapsed()
+    }
+
     /// Which agent slot holds the entity's lease now (its value ends with
     /// the holder's id, `<hostname>-<pid>`).
     pub async fn holder(&mut self) -> Option<usize> {
