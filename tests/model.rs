@@ -8,7 +8,9 @@
 //! sharing the config through leases (paused past the lease, killed,
 //! restarted), or one feeding a short stream that a slow consumer group
 //! reads, or one writing to a Redis Cluster whose master of the entity's
-//! slot fails over.
+//! slot fails over, or one spreading the entity over `partitions = 4`
+//! streams (killed, also between two partitions' commits, or paused past
+//! its lease beside a second agent).
 //!
 //! Each scenario prints one line to grep:
 //! `model: scenario=kill9 backend=postgres seed=... faults=6 ... versions=...
@@ -229,15 +231,20 @@ async fn the_checker_reports_losses_of_long_transactions_with_the_extension_off_
 // kill -9 of the agent.
 // ---------------------------------------------------------------------------
 
-async fn killed_agents(backend: Backend) {
-    let mut settings = Settings::new("kill9", backend);
+/// The agent killed again and again: with kill -9 at a random moment, and
+/// at crash points (after a chunk, before the commit; with partitions also
+/// between two partitions' commits: partitions `0..K` committed, `K..`
+/// not, for a random `K` in `1..N`), each fault in turn.
+async fn killed_agents(mut settings: Settings) {
     // A restarted agent takes the entity over at once, not after the
     // killed one's lease (10 s by default) expired: every restart polls.
     settings.lease = Some("1s");
+    let partitions = u64::from(settings.partitions);
+    let kinds = if partitions > 1 { 4 } else { 3 };
     let mut run = ModelRun::new(settings).await;
-    let total = faults(9, 100);
+    let total = faults(3 * kinds, 100);
     for i in 0..total {
-        match i % 3 {
+        match i % kinds {
             0 => {
                 // At a random moment: starting, mid-cycle, between cycles.
                 run.start_agent(None);
@@ -249,19 +256,24 @@ async fn killed_agents(backend: Backend) {
             kind => {
                 // At the worst moments: between two chunks of a cycle, or
                 // after the last chunk before the commit.
-                let point = if kind == 1 {
-                    format!("after-chunk:{}", run.rng_range(1, 3))
-                } else {
-                    "before-commit".to_owned()
+                let (point, fault) = match kind {
+                    1 => (
+                        format!("after-chunk:{}", run.rng_range(1, 3)),
+                        "after_chunk",
+                    ),
+                    2 => ("before-commit".to_owned(), "before_commit"),
+                    _ => (
+                        format!(
+                            "before-partition-commit:{}",
+                            run.rng_range(1, partitions - 1)
+                        ),
+                        "before_partition_commit",
+                    ),
                 };
                 run.start_agent(Some(&point));
                 match run.agent().wait_exit(Duration::from_secs(10)).await {
                     Some(status) if status.signal() == Some(6) => {
-                        run.count_fault(if kind == 1 {
-                            "after_chunk"
-                        } else {
-                            "before_commit"
-                        });
+                        run.count_fault(fault);
                     }
                     Some(status) => panic!(
                         "HIGHWATER_CRASH_AT={point}: the agent exited with {status} instead of aborting\n{}",
@@ -289,12 +301,36 @@ async fn killed_agents(backend: Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_any_moment_loses_and_duplicates_nothing_on_postgres() {
-    killed_agents(Backend::Postgres).await;
+    killed_agents(Settings::new("kill9", Backend::Postgres)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_any_moment_loses_and_duplicates_nothing_on_mariadb() {
-    killed_agents(Backend::MariaDb).await;
+    killed_agents(Settings::new("kill9", Backend::MariaDb)).await;
+}
+
+/// The partitions of the partitioned scenarios: `items:0` … `items:3`.
+const PARTITIONS: u32 = 4;
+
+/// The kill -9 scenario with `partitions = 4`, crashes between two
+/// partitions' commits among its faults: the next cycle reads from the
+/// oldest partition's watermark, and the partitions that had committed
+/// skip what they already hold. Every key on the stream its CRC-32 names,
+/// nothing lost, doubled or out of order on it.
+async fn killed_agents_with_partitions(backend: Backend) {
+    let mut settings = Settings::new("kill9_partitions", backend);
+    settings.partitions = PARTITIONS;
+    killed_agents(settings).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_partitions_loses_and_duplicates_nothing_on_postgres() {
+    killed_agents_with_partitions(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_partitions_loses_and_duplicates_nothing_on_mariadb() {
+    killed_agents_with_partitions(Backend::MariaDb).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -919,6 +955,65 @@ async fn two_agents_with_the_holder_paused_past_its_lease_lose_reorder_and_dupli
         "no paused holder resumed in the middle of a cycle (no write refused by the fence)\n{}",
         report.line
     );
+}
+
+/// The paused holder of a partitioned entity (`partitions = 4`: the
+/// partitions' keys are in other slots than the lease, and are fenced by
+/// its token): resumed, its writes to every partition are refused once
+/// the other agent took the entity over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_with_partitions_and_the_holder_paused_past_its_lease_lose_reorder_and_duplicate_nothing(
+) {
+    let mut settings = shared_by("two_agents_paused_partitions", Backend::Postgres, 2);
+    settings.partitions = PARTITIONS;
+    let report = paused_agents(settings).await;
+    report.assert_clean();
+    assert!(
+        report.leases.takeovers >= 1 && report.leases.lost >= 1,
+        "no takeover of a paused holder's entity\n{}",
+        report.line
+    );
+    assert!(
+        report.leases.refused >= 1,
+        "no paused holder resumed in the middle of a cycle (no write refused by the fence)\n{}",
+        report.line
+    );
+}
+
+/// Two agents on a partitioned entity; again and again the holder is
+/// paused while its polling query runs and resumed just after the other
+/// agent took the entity over (0 to 100 ms after its log says so): the
+/// stale holder's remaining chunks and its partitions' commits race its
+/// successor's first cycle, which read every partition's state at its
+/// start and has not written all of them yet. The token fence refuses a
+/// stale write only where the successor already wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_with_partitions_and_the_holder_resumed_during_the_takeover_lose_reorder_and_duplicate_nothing(
+) {
+    let mut settings = shared_by("two_agents_takeover_partitions", Backend::Postgres, 2);
+    settings.partitions = PARTITIONS;
+    settings.chunk_rows = Some(3);
+    settings.query_filter = " AND pg_sleep(0.002)::text = ''";
+    let mut run = ModelRun::new(settings).await;
+    run.start_agent_at(0, None);
+    first_cycle(&run).await;
+    run.start_agent_at(1, None);
+    let mut paused_ms = Vec::new();
+    for _ in 0..faults(6, 60) {
+        let gap = run.random_ms(200, 1200);
+        tokio::time::sleep(gap).await;
+        let holder = run.wait_for_holder(Duration::from_secs(15)).await;
+        run.wait_polling_query(Duration::from_secs(20)).await;
+        let extra = run.random_ms(0, 100);
+        let paused = run
+            .pause_agent_past_takeover(holder, 1 - holder, extra)
+            .await;
+        paused_ms.push(paused.as_millis().to_string());
+        run.count_fault("pause_until_takeover");
+    }
+    run.note(format!("paused_ms={}", paused_ms.join(",")));
+    let report = run.finish(false).await;
+    report.assert_clean();
 }
 
 /// The same pauses with `HIGHWATER_UNFENCED=1` (two agents writing without

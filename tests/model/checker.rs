@@ -52,6 +52,9 @@ pub struct Counts {
     pub phantom: usize,
     /// Rows whose last message is not the row as it is now.
     pub final_mismatch: usize,
+    /// Messages of a partitioned entity on another stream than the one
+    /// their key's CRC-32 names (see [`misplaced`]); set by the run.
+    pub misplaced: usize,
     /// Completed cycles the rule used.
     pub cycles: usize,
     /// Versions with the same cursor value as the row's previous version
@@ -277,6 +280,45 @@ impl Cycles {
     }
 }
 
+/// The messages of partition streams `0..N` (`streams[p]` read from
+/// `<stream>:p`) that are not where `crc32(pkey) % N` puts them: how many,
+/// and a few examples. A key always goes to the same partition, so a key
+/// found on two streams is misplaced on at least one of them.
+pub fn misplaced(streams: &[Vec<Message>]) -> (usize, Vec<String>) {
+    let n = streams.len() as u32;
+    let mut count = 0;
+    let mut examples = Vec::new();
+    for (p, messages) in streams.iter().enumerate() {
+        for message in messages {
+            let expected = (crc32(message.pkey.as_bytes()) % n) as usize;
+            if expected != p {
+                count += 1;
+                if examples.len() < 12 {
+                    examples.push(format!(
+                        "misplaced: row {} on partition {p} ({}), crc32 % {n} names partition {expected}",
+                        message.pkey, message.id
+                    ));
+                }
+            }
+        }
+    }
+    (count, examples)
+}
+
+/// CRC-32 as zlib computes it (IEEE 802.3, reflected, polynomial
+/// 0xEDB88320), bit by bit: the checker's own, not highwater's.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = u32::MAX;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            let mask = (crc & 1).wrapping_neg();
+            crc = (crc >> 1) ^ (0xEDB8_8320 & mask);
+        }
+    }
+    !crc
+}
+
 /// (id, v) from the message's payload.
 fn identify(message: &Message) -> Option<(i64, i64)> {
     let payload = message.payload.as_ref()?;
@@ -334,6 +376,25 @@ mod tests {
             sent,
             done: sent + 100,
         }
+    }
+
+    #[test]
+    fn crc32_is_zlibs_and_misplaced_messages_are_counted() {
+        // The standard check value; zlib.crc32(b"42") and (b"7") in Python.
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+        assert_eq!(crc32(b""), 0);
+        assert_eq!(crc32(b"42"), 841_265_288);
+        assert_eq!(crc32(b"7"), 1_790_921_346);
+        // With 4 partitions, zlib puts rows 1, 2, 4 on 3, 1, 0.
+        let on = |ids: &[i64]| -> Vec<Message> {
+            ids.iter()
+                .map(|&id| message(id as usize, &version(id, 1)))
+                .collect()
+        };
+        let right = [on(&[4]), on(&[2]), vec![], on(&[1])];
+        assert_eq!(misplaced(&right).0, 0);
+        let wrong = [on(&[4, 1]), on(&[2]), on(&[2]), on(&[1])];
+        assert_eq!(misplaced(&wrong).0, 2, "row 1 on 0, row 2 on 2");
     }
 
     #[test]

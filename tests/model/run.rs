@@ -94,6 +94,11 @@ pub struct Settings {
     /// checker judges what the group was delivered, not the stream (which
     /// the retention trims).
     pub slow_group: bool,
+    /// The entity's `partitions` (1: one stream, `items`, and no
+    /// `partitions` line in the config): above 1, the rows go to the
+    /// streams `items:0` … by CRC-32 of the key, and the checker reads
+    /// them all.
+    pub partitions: u32,
 }
 
 impl Settings {
@@ -123,6 +128,7 @@ impl Settings {
             max_stream_length: 0,
             hard_max_stream_length: None,
             slow_group: false,
+            partitions: 1,
         }
     }
 }
@@ -175,6 +181,11 @@ pub struct ModelRun {
     /// Where [`ModelRun::save_log`] writes (a file per agent), created by
     /// its first call.
     log_files: OnceLock<Vec<PathBuf>>,
+    /// Messages found on another stream than their key's partition (or on
+    /// the entity's own stream while it is partitioned), by
+    /// [`ModelRun::read_partitions`], and a few of them.
+    misplaced: usize,
+    misplaced_examples: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -249,7 +260,11 @@ impl Report {
     pub fn assert_no_loss(&self) {
         let c = &self.counts;
         assert!(
-            c.lost == 0 && c.out_of_order == 0 && c.phantom == 0 && c.final_mismatch == 0,
+            c.lost == 0
+                && c.out_of_order == 0
+                && c.phantom == 0
+                && c.final_mismatch == 0
+                && c.misplaced == 0,
             "{}\n{}\nagent log:\n{}",
             self.line,
             c.examples.join("\n"),
@@ -287,6 +302,10 @@ impl ModelRun {
         let timings: Timings = Arc::new(Mutex::new(HashMap::new()));
         workload::preload(&db, &tables, settings.preload, &timings).await;
 
+        assert!(
+            settings.partitions == 1 || !settings.slow_group,
+            "the slow consumer group reads one stream, not partitions"
+        );
         let redis = if settings.cluster {
             assert!(
                 !settings.slow_group,
@@ -340,7 +359,7 @@ lookback = "{lookback}"
 {max_lookback}every = "{every_ms}ms"
 start = "beginning"
 chunk_rows = {chunk_rows}
-max_stream_length = {max_stream_length}
+{partitions}max_stream_length = {max_stream_length}
 {hard_max}delete_column = "deleted"
 on_state_loss = "{on_state_loss}"
 "#,
@@ -355,6 +374,11 @@ on_state_loss = "{on_state_loss}"
                 .unwrap_or_default(),
             on_state_loss = settings.on_state_loss,
             max_stream_length = settings.max_stream_length,
+            partitions = if settings.partitions > 1 {
+                format!("partitions = {}\n", settings.partitions)
+            } else {
+                String::new()
+            },
             hard_max = settings
                 .hard_max_stream_length
                 .map(|n| format!("hard_max_stream_length = {n}\n"))
@@ -402,6 +426,8 @@ on_state_loss = "{on_state_loss}"
             last_id: "0".into(),
             group,
             log_files: OnceLock::new(),
+            misplaced: 0,
+            misplaced_examples: Vec::new(),
             _dir: dir,
         }
     }
@@ -471,6 +497,41 @@ on_state_loss = "{on_state_loss}"
         tokio::time::sleep(length).await;
         self.agent_at(slot).resume();
         self.pauses[slot].push((from, workload::now_micros()));
+    }
+
+    /// Pauses agent `slot` (SIGSTOP) until agent `successor`'s log says it
+    /// took the entity over, then `extra` longer, and resumes it (SIGCONT):
+    /// the paused holder goes on with its cycle while its successor's
+    /// first one runs. Returns how long it was paused.
+    pub async fn pause_agent_past_takeover(
+        &mut self,
+        slot: usize,
+        successor: usize,
+        extra: Duration,
+    ) -> Duration {
+        let from = workload::now_micros();
+        let started = Instant::now();
+        let lines = self.logs[successor].len();
+        self.agent_at(slot).pause();
+        let deadline = Duration::from_secs(15);
+        while !self.logs[successor].lines()[lines..]
+            .iter()
+            .any(|l| l.contains("took over entity"))
+        {
+            if started.elapsed() > deadline {
+                self.agent_at(slot).resume();
+                panic!(
+                    "timed out after {deadline:?} waiting for agent {successor} to take over from paused agent {slot} (seed {}); logs in {}",
+                    self.seed,
+                    self.save_log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(extra).await;
+        self.agent_at(slot).resume();
+        self.pauses[slot].push((from, workload::now_micros()));
+        started.elapsed()
     }
 
     /// Which agent slot holds the entity's lease now (its value ends with
@@ -891,6 +952,61 @@ on_state_loss = "{on_state_loss}"
         length
     }
 
+    /// The streams the entity writes: `items`, or `items:0` … with
+    /// partitions.
+    pub fn streams(&self) -> Vec<String> {
+        if self.settings.partitions > 1 {
+            (0..self.settings.partitions)
+                .map(|p| format!("{ENTITY}:{p}"))
+                .collect()
+        } else {
+            vec![ENTITY.to_owned()]
+        }
+    }
+
+    /// Every message of every partition stream, partition after partition,
+    /// each in its stream's order; counts those that are not on the stream
+    /// their key's CRC-32 names, and any entry on the entity's own stream
+    /// (a partitioned entity writes none there). Duplicates and order are
+    /// judged per row, and a row's messages all come from one stream (else
+    /// they are counted here), so the concatenation is as good as any merge.
+    async fn read_partitions(&mut self) -> Vec<Message> {
+        let mut conn = self.redis.conn().await;
+        let mut streams = Vec::new();
+        for stream in self.streams() {
+            let entries: redis::Value = redis::cmd("XRANGE")
+                .arg(&stream)
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await
+                .expect("XRANGE");
+            streams.push(parse_entries(entries));
+        }
+        let unpartitioned: usize = redis::cmd("XLEN")
+            .arg(ENTITY)
+            .query_async(&mut conn)
+            .await
+            .expect("XLEN");
+        let (misplaced, mut examples) = checker::misplaced(&streams);
+        if unpartitioned > 0 {
+            examples.push(format!(
+                "{unpartitioned} entries on the stream {ENTITY} itself, which a partitioned entity must leave alone"
+            ));
+        }
+        self.note(format!(
+            "partition_entries={}",
+            streams
+                .iter()
+                .map(|m| m.len().to_string())
+                .collect::<Vec<_>>()
+                .join("/")
+        ));
+        self.misplaced = misplaced + unpartitioned;
+        self.misplaced_examples = examples;
+        streams.into_iter().flatten().collect()
+    }
+
     /// Stops the writers, lets the agent catch up, stops it with SIGTERM,
     /// checks the stream against the truth and prints the report line.
     /// `from_collection`: use what [`ModelRun::drain`] collected (the stream
@@ -914,7 +1030,8 @@ on_state_loss = "{on_state_loss}"
         let started = Instant::now();
         let final_versions: HashMap<i64, i64> = finals.iter().map(|r| (r.id, r.v)).collect();
         let mut present: HashMap<i64, bool> = HashMap::new();
-        let mut stream_read_to = "0".to_owned();
+        let streams = self.streams();
+        let mut stream_read_to = vec!["0".to_owned(); streams.len()];
         let mut group_read_to = 0;
         loop {
             let fresh = if let Some(group) = &self.group {
@@ -928,16 +1045,20 @@ on_state_loss = "{on_state_loss}"
                 self.collected[before..].to_vec()
             } else {
                 let mut conn = self.redis.conn().await;
-                let entries: redis::Value = redis::cmd("XRANGE")
-                    .arg(ENTITY)
-                    .arg(format!("({stream_read_to}"))
-                    .arg("+")
-                    .query_async(&mut conn)
-                    .await
-                    .expect("XRANGE");
-                let fresh = parse_entries(entries);
-                if let Some(last) = fresh.last() {
-                    stream_read_to = last.id.clone();
+                let mut fresh = Vec::new();
+                for (stream, read_to) in streams.iter().zip(&mut stream_read_to) {
+                    let entries: redis::Value = redis::cmd("XRANGE")
+                        .arg(stream)
+                        .arg(format!("({read_to}"))
+                        .arg("+")
+                        .query_async(&mut conn)
+                        .await
+                        .expect("XRANGE");
+                    let messages = parse_entries(entries);
+                    if let Some(last) = messages.last() {
+                        *read_to = last.id.clone();
+                    }
+                    fresh.extend(messages);
                 }
                 fresh
             };
@@ -1028,6 +1149,8 @@ on_state_loss = "{on_state_loss}"
         } else if from_collection {
             self.drain().await;
             std::mem::take(&mut self.collected)
+        } else if self.settings.partitions > 1 {
+            self.read_partitions().await
         } else {
             let mut conn = self.redis.conn().await;
             let entries: redis::Value = redis::cmd("XRANGE")
@@ -1071,7 +1194,17 @@ on_state_loss = "{on_state_loss}"
                 })
             })
             .collect();
-        let counts = checker::check(&audit, &finals, &timings, &messages, &cycles);
+        let mut counts = checker::check(&audit, &finals, &timings, &messages, &cycles);
+        counts.misplaced = self.misplaced;
+        counts
+            .examples
+            .extend(std::mem::take(&mut self.misplaced_examples));
+        if self.settings.partitions > 1 {
+            self.note(format!(
+                "partitions={} misplaced={}",
+                self.settings.partitions, counts.misplaced
+            ));
+        }
 
         let faults = self
             .faults
@@ -1096,6 +1229,7 @@ on_state_loss = "{on_state_loss}"
         println!("{line}");
         println!("model: the agents' logs are in {}", self.save_log());
         let clean = counts.lost == 0
+            && counts.misplaced == 0
             && counts.duplicated == 0
             && counts.out_of_order == 0
             && counts.phantom == 0
