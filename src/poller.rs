@@ -496,7 +496,9 @@ pub async fn run_cycle(
         prepared,
         rows: source.changes(prepared, since),
         since,
-        chunk_rows: entity.chunk_rows,
+        // Over N partitions a chunk read is N times as large, so that each
+        // partition's share is about `chunk_rows` rows per script call.
+        chunk_rows: entity.chunk_rows * lane_keys.len(),
         confirmed: &memory.confirmed,
         remember: !memory.single_cycle,
         // Sized for a window like the last one (the keys Redis tracks):
@@ -556,7 +558,7 @@ pub async fn run_cycle(
         // the chunk that creates it must be answered before the next is
         // sent: the next one's state check depends on it.
         if !ended && !report.interrupted && lanes.iter().all(Lane::has_room) {
-            let mut chunk = Chunk::with_capacity(entity.chunk_rows);
+            let mut chunk = Chunk::with_capacity(window.chunk_rows);
             match window.fill(&mut chunk).await {
                 Ok(done) => ended = done,
                 Err(e) => {
