@@ -343,17 +343,8 @@ fn cluster_client(
         .retries(3)
         .min_retry_wait(100)
         .max_retry_wait(1000);
-    if settings.tls.ca.is_some() || settings.tls.client.is_some() {
-        builder =
-            builder.certs(redis::TlsCertificates {
-                client_tls: settings.tls.client.as_ref().map(|(cert, key)| {
-                    redis::ClientTlsConfig {
-                        client_cert: cert.clone(),
-                        client_key: key.clone(),
-                    }
-                }),
-                root_cert: settings.tls.ca.clone(),
-            });
+    if let Some(certificates) = crate::sink::tls_certificates(settings) {
+        builder = builder.certs(certificates);
     }
     builder.build()
 }

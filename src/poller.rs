@@ -737,19 +737,15 @@ pub async fn run_cycle(
                 }
             })
             .collect();
-        let committed = if partitioned {
-            // One after the other on one server would cost a round trip
-            // each; at once they go to their shards in parallel. The crash
-            // point between two of them needs them in order.
-            if crate::fault::crash_between_partitions() {
-                let mut all = Vec::new();
-                for commit in commits {
-                    all.push(commit.await);
-                }
-                all
-            } else {
-                futures_util::future::join_all(commits).await
+        // At once they go to their shards in parallel (one after the other
+        // on one server would cost a round trip each); the crash point
+        // between two of them needs them in order.
+        let committed = if crate::fault::crash_between_partitions() {
+            let mut all = Vec::new();
+            for commit in commits {
+                all.push(commit.await);
             }
+            all
         } else {
             futures_util::future::join_all(commits).await
         };

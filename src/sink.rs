@@ -923,23 +923,29 @@ fn memory_ratio(info: &str) -> Option<f64> {
 /// A client for the configured Redis: `rediss://` trusts `ca_file` (else
 /// the system's roots) and shows `client_cert` when configured.
 pub fn client(settings: &RedisSettings) -> redis::RedisResult<redis::Client> {
-    if settings.tls.ca.is_none() && settings.tls.client.is_none() {
-        return redis::Client::open(settings.url.as_str());
+    match tls_certificates(settings) {
+        None => redis::Client::open(settings.url.as_str()),
+        Some(certificates) => redis::Client::build_with_tls(settings.url.as_str(), certificates),
     }
-    redis::Client::build_with_tls(
-        settings.url.as_str(),
-        redis::TlsCertificates {
-            client_tls: settings
-                .tls
-                .client
-                .as_ref()
-                .map(|(cert, key)| redis::ClientTlsConfig {
-                    client_cert: cert.clone(),
-                    client_key: key.clone(),
-                }),
-            root_cert: settings.tls.ca.clone(),
-        },
-    )
+}
+
+/// The configured CA and client certificate, for one server's client and a
+/// cluster's alike (`None`: neither is configured).
+pub fn tls_certificates(settings: &RedisSettings) -> Option<redis::TlsCertificates> {
+    if settings.tls.ca.is_none() && settings.tls.client.is_none() {
+        return None;
+    }
+    Some(redis::TlsCertificates {
+        client_tls: settings
+            .tls
+            .client
+            .as_ref()
+            .map(|(cert, key)| redis::ClientTlsConfig {
+                client_cert: cert.clone(),
+                client_key: key.clone(),
+            }),
+        root_cert: settings.tls.ca.clone(),
+    })
 }
 
 /// The error of a script call: [`SinkError::Fenced`] when the script
