@@ -585,10 +585,7 @@ pub async fn run_cycle(
                     link,
                 );
                 lane.last_link = name;
-                let mut reply = sink.send_chunk(entity, cmd).boxed();
-                // Polled once now, which queues it on the connection: calls
-                // travel in the order they were first polled.
-                let early = futures_util::future::poll_immediate(&mut reply).await;
+                let (reply, early) = queue_now(sink.send_chunk(entity, cmd)).await;
                 lane.in_flight.push_back(InFlight {
                     chunk: part,
                     reply,
@@ -772,6 +769,22 @@ pub async fn run_cycle(
     }
     report.duration = started.elapsed();
     Ok(report)
+}
+
+/// Polls a Redis call once now, which queues it on its connection: calls
+/// travel in the order they were first polled, and the chunks of a
+/// partition must (each names the one before it). The poll runs outside
+/// tokio's task budget: once the cycle's task has used up its budget (rows
+/// read, replies received), a channel send answers Pending without queuing,
+/// and the chunk would go out after the next one, whose chain check then
+/// refuses it and fails the cycle. Returns the call, and its reply if it
+/// came at once (an error, say).
+async fn queue_now<'a, T>(
+    call: impl std::future::Future<Output = T> + Send + 'a,
+) -> (BoxFuture<'a, T>, Option<T>) {
+    let mut reply = tokio::task::unconstrained(call).boxed();
+    let early = futures_util::future::poll_immediate(&mut reply).await;
+    (reply, early)
 }
 
 /// One partition of a cycle (the only one of an entity without partitions).
@@ -987,5 +1000,42 @@ fn state_vanished(
             evidence: "its state keys vanished during a cycle".to_owned(),
         },
         OnStateLoss::Resnapshot => error.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    /// The chunks of a partition must reach Redis in the order they were
+    /// sent: a send polled once by a task that has used up its budget must
+    /// still queue at once.
+    #[tokio::test]
+    async fn a_call_queues_at_its_first_poll_even_with_the_task_budget_spent() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<u32>(8);
+        // Spend the task's budget: receives that are ready, until tokio
+        // answers Pending to make the task yield.
+        let (spend, mut spent) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..10_000 {
+            spend.send(i).unwrap();
+        }
+        let mut received = 0;
+        while spent.recv().now_or_never().is_some() {
+            received += 1;
+        }
+        assert!(received < 10_000, "tokio no longer budgets a task's polls");
+        // The hazard: a plain send does not queue now, so a later one would
+        // overtake it.
+        let plain_tx = tx.clone();
+        let mut plain = Box::pin(async move { plain_tx.send(1).await });
+        assert!(futures_util::future::poll_immediate(&mut plain)
+            .await
+            .is_none());
+        assert!(rx.try_recv().is_err());
+        // queue_now's send is queued at once.
+        let (_call, early) = queue_now(async move { tx.send(2).await }).await;
+        assert!(matches!(early, Some(Ok(()))));
+        assert_eq!(rx.try_recv().ok(), Some(2));
     }
 }
