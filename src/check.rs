@@ -178,6 +178,7 @@ async fn check_redis(config: &Config) -> (Vec<Finding>, Option<bool>) {
                 .arg("server")
                 .arg("memory")
                 .arg("persistence")
+                .arg("replication")
                 .arg("cluster"),
         )
         .await;
@@ -245,22 +246,51 @@ async fn check_redis(config: &Config) -> (Vec<Finding>, Option<bool>) {
             ),
         }
     }
+    let wanted = config.redis.wait_for_replicas;
+    if !cluster {
+        if let (Some(wanted @ 1..), Some((_, info))) = (wanted, infos.first()) {
+            // `slave0:ip=...,port=...,state=online,...`: a replica still
+            // syncing acknowledges nothing yet.
+            let connected = info_field(info, "connected_slaves")
+                .and_then(|n| n.parse::<u32>().ok())
+                .unwrap_or(0);
+            let online = info
+                .lines()
+                .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+                .count() as u32;
+            if online < wanted {
+                report.push(
+                    Level::Error,
+                    format!("redis ({url}): wait_for_replicas = {wanted}, but the server has {online} replica(s) in sync ({connected} connected): every cycle would fail as not replicated"),
+                );
+            } else {
+                report.push(
+                    Level::Ok,
+                    format!("redis ({url}): {online} replica(s) in sync; each cycle waits until {wanted} hold its writes (wait_for_replicas)"),
+                );
+            }
+        }
+    }
     if cluster {
+        let topology = conn.cluster_nodes().await.ok().flatten();
         for (entity, keys) in config
             .entities
             .values()
             .flat_map(|e| sink.partition_keys(e).into_iter().map(move |k| (e, k)))
         {
+            let slot = crate::connection::slot_of(&keys.stream);
             match conn.node_of(&keys.stream).await {
-                Ok(Some(node)) => report.push(
-                    Level::Ok,
-                    format!(
-                        "entity {}: stream {} is in slot {}, served by {node}",
-                        entity.name,
-                        keys.stream,
-                        crate::connection::slot_of(&keys.stream)
-                    ),
-                ),
+                Ok(Some(node)) => {
+                    let served = format!(
+                        "entity {}: stream {} is in slot {slot}, served by {node}",
+                        entity.name, keys.stream
+                    );
+                    let replicas = topology
+                        .as_deref()
+                        .map(|nodes| crate::connection::replicas_of_slot(nodes, slot));
+                    let (level, text) = replication_finding(served, replicas, wanted);
+                    report.push(level, text);
+                }
                 Ok(None) => {}
                 Err(e) => report.push(
                     Level::Warning,
@@ -275,6 +305,49 @@ async fn check_redis(config: &Config) -> (Vec<Finding>, Option<bool>) {
         }
     }
     (report.findings, Some(cluster))
+}
+
+/// A field of an `INFO` reply (`name:value` lines).
+fn info_field(info: &str, name: &str) -> Option<String> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(|v| v.trim().to_owned())
+}
+
+/// What a cycle of a partition served by a cluster node waits for, by the
+/// node's replicas (`None`: unknown) and `wait_for_replicas` (`None`: one
+/// when the node has any).
+fn replication_finding(
+    served: String,
+    replicas: Option<u32>,
+    wanted: Option<u32>,
+) -> (Level, String) {
+    match (replicas, wanted) {
+        (None, _) => (
+            Level::Warning,
+            format!("{served}; its replicas are unknown (CLUSTER NODES failed)"),
+        ),
+        (Some(0), None | Some(0)) => (
+            Level::Ok,
+            format!("{served}, which has no replica: cycles do not wait for one, and a failure of that node stops the entity until it is back"),
+        ),
+        (Some(n), None) => (
+            Level::Ok,
+            format!("{served}, which has {n} replica(s): each cycle waits until one holds its writes (WAIT; wait_for_replicas)"),
+        ),
+        (Some(n), Some(0)) => (
+            Level::Warning,
+            format!("{served}, which has {n} replica(s), but wait_for_replicas = 0: a failover may roll back a cycle's writes, and a version overwritten meanwhile is lost"),
+        ),
+        (Some(n), Some(w)) if n < w => (
+            Level::Error,
+            format!("{served}, which has {n} replica(s), but wait_for_replicas = {w}: every cycle would fail as not replicated"),
+        ),
+        (Some(n), Some(w)) => (
+            Level::Ok,
+            format!("{served}, which has {n} replica(s): each cycle waits until {w} hold its writes (wait_for_replicas)"),
+        ),
+    }
 }
 
 /// One Redis server's (or cluster primary's) version, eviction policy and
@@ -293,11 +366,7 @@ fn check_redis_node(
     } else {
         (format!("redis node {node}"), format!("redis node {node}"))
     };
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .map(|v| v.trim().to_owned())
-    };
+    let field = |name: &str| info_field(info, name);
     let version = field("redis_version").unwrap_or_default();
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
@@ -898,6 +967,22 @@ fn slot_findings(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partitions_replication_is_judged_by_its_replicas_and_wait_for_replicas() {
+        let level = |replicas, wanted| replication_finding("s".into(), replicas, wanted).0;
+        assert_eq!(level(Some(0), None), Level::Ok);
+        assert_eq!(level(Some(1), None), Level::Ok);
+        assert_eq!(level(Some(2), Some(2)), Level::Ok);
+        assert_eq!(level(Some(1), Some(2)), Level::Error);
+        assert_eq!(level(Some(1), Some(0)), Level::Warning);
+        assert_eq!(level(None, None), Level::Warning);
+        let (_, text) = replication_finding("s".into(), Some(1), Some(2));
+        assert!(
+            text.contains("every cycle would fail as not replicated"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn hosts_are_read_from_urls_and_loopback_is_local() {

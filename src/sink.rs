@@ -440,7 +440,9 @@ impl Sink {
         Ok(Sink {
             conn,
             wait_replicas,
-            wait_timeout: settings.timeout,
+            // Below the reply timeout, so that a WAIT short of replicas
+            // answers how many it reached before the client gives up on it.
+            wait_timeout: settings.timeout * 3 / 4,
             topology: Default::default(),
             prefix: settings.key_prefix.clone(),
             dedup: Script::new(DEDUP_LUA),

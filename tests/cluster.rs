@@ -172,7 +172,7 @@ async fn check_status_wait_and_tail_work_on_a_cluster() {
         .await;
     assert!(
         report.contains(&format!(
-            "entity items: stream {} is in slot {}, served by 127.0.0.1:{node}",
+            "entity items: stream {} is in slot {}, served by 127.0.0.1:{node}, which has no replica: cycles do not wait for one",
             f.stream("items"),
             PrivateCluster::slot_of(&f.stream("items"))
         )),
@@ -296,6 +296,15 @@ async fn a_master_killed_mid_run_fails_over_and_nothing_is_lost_doubled_or_reord
     let stream = f.stream("items");
     let slot = PrivateCluster::slot_of(&stream);
     insert(&f.pool, 1, 50).await;
+    // Before: check says the cycles wait for the shard's replica.
+    let report = f.run_ok(&["check"]);
+    assert!(
+        report.contains(&format!(
+            "served by 127.0.0.1:{}, which has 1 replica(s): each cycle waits until one holds its writes",
+            cluster.master_of_slot(slot).await
+        )),
+        "{report}"
+    );
     let agent = Agent::start(&f.config);
 
     // A writer bumps random rows' versions for the whole test.

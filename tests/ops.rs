@@ -617,6 +617,73 @@ async fn check_warns_about_an_evicting_redis_without_persistence() {
 }
 
 #[tokio::test]
+async fn wait_for_replicas_on_one_server_is_checked_and_waited_for() {
+    let primary = PrivateRedis::start(&[]).await;
+    let env = Env::new();
+    let pool = pg().await;
+    let table = unique("chk_replicas");
+    pg_table(&pool, &table, true).await;
+    sqlx::query(&format!(
+        "INSERT INTO {table} (id, name) VALUES (1, 'a'), (2, 'b')"
+    ))
+    .execute(&pool)
+    .await
+    .expect("insert");
+    let config = env.file(
+        "replicated.toml",
+        &format!(
+            "[redis]\nurl = \"redis://127.0.0.1:{}/0\"\nwait_for_replicas = 1\ntimeout = \"1s\"\n{}{}",
+            primary.port,
+            source("pg", &pg_url()),
+            pg_entity(&table, "pg", &table, "")
+        ),
+    );
+    let config_arg = config.to_str().unwrap();
+
+    // No replica yet: check says every cycle would fail, and a cycle does.
+    let (ok, report) = check(&config);
+    assert!(!ok, "{report}");
+    assert_line(
+        &report,
+        "error",
+        &["wait_for_replicas = 1, but the server has 0 replica(s) in sync (0 connected)"],
+    );
+    let (out, _, stderr) = run_cli(&["once", "--config", config_arg]);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "the cycle's writes reached 0 of the 1 replica(s) wait_for_replicas asks for"
+        ),
+        "{stderr}"
+    );
+
+    // With a replica: check is content, and the cycle goes through (the
+    // rows the failed cycle wrote were not counted as done: nothing lost).
+    let _replica =
+        PrivateRedis::start(&["--replicaof", "127.0.0.1", &primary.port.to_string()]).await;
+    let deadline = Instant::now() + DEADLINE;
+    let report = loop {
+        let (ok, report) = check(&config);
+        if ok {
+            break report;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica never connected:\n{report}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_line(
+        &report,
+        "ok",
+        &["1 replica(s) in sync; each cycle waits until 1 hold its writes"],
+    );
+    let (out, stdout, stderr) = run_cli(&["once", "--config", config_arg]);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("2 rows read"), "{stdout}");
+}
+
+#[tokio::test]
 async fn check_reports_an_unreachable_redis_as_an_error() {
     let env = Env::new();
     let port = free_port();
