@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::cluster::{node_conn, PrivateCluster};
 use common::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -99,31 +100,46 @@ fn redis_server_version() -> (u32, u32) {
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
-/// A private Redis whose users are the README's (`users.acl` form), besides
-/// the default user the test administers it with.
-async fn redis_with_readme_users(env: &Env) -> PrivateRedis {
+/// An `aclfile` of the README's users (each rule with `additions[user]`
+/// appended), besides the default user the test administers Redis with.
+fn readme_users_file(env: &Env, additions: &[(&str, &str)]) -> PathBuf {
     let version = redis_server_version();
     let mut users = String::from("user default on nopass ~* &* +@all\n");
     for (name, rule) in readme_rules() {
-        users.push_str(&format!("user {name} {}\n", applied(&rule, version)));
+        let added = additions
+            .iter()
+            .filter(|(user, _)| *user == name)
+            .map(|(_, words)| format!(" {words}"))
+            .collect::<String>();
+        users.push_str(&format!("user {name} {}{added}\n", applied(&rule, version)));
     }
-    let aclfile = env.file("users.acl", &users);
+    env.file("users.acl", &users)
+}
+
+/// A private Redis whose users are the README's (`users.acl` form), besides
+/// the default user the test administers it with.
+async fn redis_with_readme_users(env: &Env) -> PrivateRedis {
+    let aclfile = readme_users_file(env, &[]);
     PrivateRedis::start(&["--aclfile", aclfile.to_str().unwrap()]).await
 }
 
 /// What Redis refused since the last call, as `(reason, object)`, then
 /// forgets it (`ACL LOG`, `ACL LOG RESET`).
 async fn refusals(redis: &PrivateRedis) -> Vec<(String, String)> {
-    let mut conn = redis.admin().await;
+    refusals_on(&mut redis.admin().await).await
+}
+
+/// [`refusals`] of one server, through an administrator's connection.
+async fn refusals_on(conn: &mut redis::aio::MultiplexedConnection) -> Vec<(String, String)> {
     let entries: Vec<BTreeMap<String, redis::Value>> = redis::cmd("ACL")
         .arg("LOG")
-        .query_async(&mut conn)
+        .query_async(conn)
         .await
         .expect("ACL LOG");
     let _: () = redis::cmd("ACL")
         .arg("LOG")
         .arg("RESET")
-        .query_async(&mut conn)
+        .query_async(conn)
         .await
         .expect("ACL LOG RESET");
     let text = |entry: &BTreeMap<String, redis::Value>, field: &str| match entry.get(field) {
@@ -138,8 +154,20 @@ async fn refusals(redis: &PrivateRedis) -> Vec<(String, String)> {
 
 /// Redis refused nothing during `step`, except the commands in `except`.
 async fn nothing_refused(redis: &PrivateRedis, step: &str, except: &[&str]) {
-    let refused: Vec<_> = refusals(redis)
-        .await
+    assert_none_refused(refusals(redis).await, step, except);
+}
+
+/// No node of the cluster refused anything during `step`, except the
+/// commands in `except`.
+async fn nothing_refused_on_cluster(cluster: &PrivateCluster, step: &str, except: &[&str]) {
+    for port in cluster.ports() {
+        let refused = refusals_on(&mut node_conn(port).await).await;
+        assert_none_refused(refused, &format!("{step}, node {port}"), except);
+    }
+}
+
+fn assert_none_refused(refused: Vec<(String, String)>, step: &str, except: &[&str]) {
+    let refused: Vec<_> = refused
         .into_iter()
         .filter(|(reason, object)| !(reason == "command" && except.contains(&object.as_str())))
         .collect();
@@ -153,6 +181,11 @@ async fn nothing_refused(redis: &PrivateRedis, step: &str, except: &[&str]) {
 /// entities `customers` and `orders` (streams of the same names), as the
 /// README's rule assumes, polling this test's own tables.
 fn config_as(env: &Env, redis: &PrivateRedis, user: &str, tables: &(String, String)) -> PathBuf {
+    config_at(env, &redis.url_as(user, PASSWORD), user, tables)
+}
+
+/// [`config_as`] for a Redis at `url` (with the user in it).
+fn config_at(env: &Env, url: &str, user: &str, tables: &(String, String)) -> PathBuf {
     let entity = |name: &str, table: &str| {
         format!(
             "[entities.{name}]\nsource = \"shop\"\n\
@@ -167,7 +200,7 @@ fn config_as(env: &Env, redis: &PrivateRedis, user: &str, tables: &(String, Stri
         &format!(
             "[redis]\nurl = \"{}\"\ntimeout = \"5s\"\n\n[agent]\nlease = \"2s\"\n\n\
              [http]\nlisten = \"\"\n\n[sources.shop]\nurl = \"{}\"\n\n{}{}",
-            redis.url_as(user, PASSWORD),
+            url,
             pg_url(),
             entity("customers", &tables.0),
             entity("orders", &tables.1)
@@ -629,5 +662,87 @@ fn the_rules_name_every_command_the_scripts_call_and_grant_nothing_wholesale() {
             rule.contains(" -@all") || rule.starts_with("reset "),
             "{name}: {rule}"
         );
+    }
+}
+
+/// What the README says to add to each rule on a Redis Cluster.
+const CLUSTER_ADDITIONS: [(&str, &str); 2] = [
+    ("highwater", "+cluster|slots +cluster|nodes +wait +ping"),
+    ("highwater-reader", "+cluster|slots +cluster|nodes +ping"),
+];
+
+#[tokio::test]
+async fn on_a_cluster_the_readme_rules_with_the_cluster_additions_are_enough() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("read README.md")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    for (user, words) in CLUSTER_ADDITIONS {
+        assert!(
+            readme.contains(&format!("`{words}` to `{user}`")),
+            "the README's ACL section names the cluster additions for {user}: {words}"
+        );
+    }
+    let env = Env::new();
+    let aclfile = readme_users_file(&env, &CLUSTER_ADDITIONS);
+    // A replica per master: the cycles WAIT for it.
+    let cluster = PrivateCluster::start(3, 1, &["--aclfile", aclfile.to_str().unwrap()]).await;
+    let pool = pg().await;
+    let tables = shop_tables(&pool).await;
+    let url = |user: &str| {
+        format!(
+            "redis://{user}:{PASSWORD}@127.0.0.1:{}",
+            cluster.master_ports()[0]
+        )
+    };
+    let agent = config_at(&env, &url("highwater"), "highwater", &tables);
+    let reader = config_at(&env, &url("highwater-reader"), "highwater-reader", &tables);
+
+    for config in [&agent, &reader] {
+        let report = run_ok(&["check"], config);
+        assert!(
+            report.contains("a Redis Cluster of 3 primaries"),
+            "{report}"
+        );
+        assert!(
+            report.contains("which has 1 replica(s): each cycle waits until one holds its writes"),
+            "{report}"
+        );
+    }
+    nothing_refused_on_cluster(&cluster, "check", &["config|get"]).await;
+
+    let out = run_ok(&["once"], &agent);
+    assert!(out.contains("customers: 2 rows read, 2 emitted"), "{out}");
+    assert!(out.contains("orders: 2 rows read, 2 emitted"), "{out}");
+    nothing_refused_on_cluster(&cluster, "once", &[]).await;
+
+    for config in [&agent, &reader] {
+        let text = run_ok(&["status"], config);
+        assert!(text.contains("stream        orders: 2 entries"), "{text}");
+    }
+    nothing_refused_on_cluster(&cluster, "status", &[]).await;
+
+    // A live agent (leases, the changes channel, the memory watch), and
+    // the reader waiting for its cycles.
+    let mut running = Agent::start(&agent);
+    eventually(DEADLINE, "two cycles of orders", || {
+        let cycles = running.cycles(Some("orders")).len();
+        async move { cycles >= 2 }
+    })
+    .await;
+    let out = run_ok(&["wait", "--timeout", "20s"], &reader);
+    assert!(out.contains("orders: cycle started"), "{out}");
+    running.signal("TERM");
+    let exit = running.wait_exit(DEADLINE).await;
+    assert!(
+        exit.success(),
+        "run exited {exit}; stderr:\n{}",
+        running.stderr().join("\n")
+    );
+    no_refusal("highwater run", &running.stderr().join("\n"));
+    nothing_refused_on_cluster(&cluster, "run, wait", &[]).await;
+    for table in [&tables.0, &tables.1] {
+        pg_exec(&pool, &format!("DROP TABLE {table}")).await;
     }
 }
