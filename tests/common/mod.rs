@@ -149,19 +149,14 @@ pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
         .expect("connect to redis")
 }
 
-/// An XRANGE entry: id and field/value pairs.
-type RawEntry = (String, Vec<(String, Vec<u8>)>);
+/// Entries of an XRANGE reply (or of one stream in an XREADGROUP reply):
+/// (id, field-value pairs) per entry.
+type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
 
-/// Every message of a stream, oldest first.
-pub async fn read_stream(stream: &str) -> Vec<Message> {
-    let mut conn = redis_conn().await;
-    let entries: Vec<RawEntry> = redis::cmd("XRANGE")
-        .arg(stream)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .expect("XRANGE");
+/// An XRANGE reply as messages.
+pub fn parse_entries(reply: redis::Value) -> Vec<Message> {
+    let entries: Entries =
+        redis::FromRedisValue::from_redis_value(&reply).expect("an XRANGE reply");
     entries
         .into_iter()
         .map(|(id, fields)| {
@@ -184,6 +179,19 @@ pub async fn read_stream(stream: &str) -> Vec<Message> {
             }
         })
         .collect()
+}
+
+/// Every message of a stream, oldest first.
+pub async fn read_stream(stream: &str) -> Vec<Message> {
+    let mut conn = redis_conn().await;
+    let reply: redis::Value = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .expect("XRANGE");
+    parse_entries(reply)
 }
 
 /// A field of the state hash of an entity whose stream has its name

@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng};
 use redis::aio::MultiplexedConnection;
 use redis::FromRedisValue;
 
+pub use crate::common::parse_entries;
 use crate::common::Message;
 
 /// The consumer group's name.
@@ -21,37 +22,6 @@ const CONSUMER: &str = "c";
 
 /// Entries per read: a small batch, as a consumer that processes each.
 const COUNT: usize = 20;
-
-/// Entries of an XRANGE reply (or of one stream in an XREADGROUP reply):
-/// (id, field-value pairs) per entry.
-type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
-
-/// An XRANGE reply as messages.
-pub fn parse_entries(reply: redis::Value) -> Vec<Message> {
-    let entries: Entries = Entries::from_redis_value(&reply).expect("an XRANGE reply");
-    entries
-        .into_iter()
-        .map(|(id, fields)| {
-            let get = |name: &str| {
-                fields
-                    .iter()
-                    .find(|(f, _)| f == name)
-                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-            };
-            Message {
-                pkey: get("pkey").expect("pkey field"),
-                epoch: get("epoch")
-                    .expect("epoch field")
-                    .parse()
-                    .expect("epoch is an integer"),
-                variant: get("variant").expect("variant field"),
-                op: get("op").expect("op field"),
-                payload: get("payload").map(|p| serde_json::from_str(&p).expect("payload is JSON")),
-                id,
-            }
-        })
-        .collect()
-}
 
 /// What the consumer task and the harness share.
 #[derive(Default)]
