@@ -28,9 +28,15 @@
 --         partition, as in lua/dedup.lua); a value that is not the
 --         lease's current one fails with "HWFENCED <current value>" and
 --         changes nothing (the fence, as in lua/dedup.lua)
--- ARGV[6] max_stream_length, ARGV[7] max_age in ms, ARGV[8]
+-- ARGV[6] the cycle's last chunk ("" = no check): the chunk that must be
+--         the last one applied (lua/dedup.lua ARGV[7]), else the commit
+--         fails with "HWCHAIN <last applied>" and changes nothing. A
+--         failover that rolled back the cycle's last chunks (the promoted
+--         replica lacked them) would otherwise see the watermark advance
+--         past rows that are on no stream.
+-- ARGV[7] max_stream_length, ARGV[8] max_age in ms, ARGV[9]
 --         hard_max_stream_length (each 0 = none): the stream's retention
--- ARGV[9..] field, value pairs recorded in the state hash (last cycle's figures)
+-- ARGV[10..] field, value pairs recorded in the state hash (last cycle's figures)
 --
 -- Returns {watermark or false, trimmed, keys in seen, entries in the stream,
 -- stream entries trimmed, 1 if the retention was cut short, the groups}
@@ -66,6 +72,13 @@ elseif ARGV[5] ~= '' then
   end
 end
 
+if ARGV[6] ~= '' then
+  local last = redis.call('HGET', state, 'chunk')
+  if last ~= ARGV[6] then
+    return redis.error_reply('HWCHAIN ' .. (last or ''))
+  end
+end
+
 if token and token > fenced_by then
   redis.call('SET', lease, token)
 end
@@ -77,8 +90,8 @@ if candidate ~= '' and (not watermark or tonumber(candidate) > tonumber(watermar
 end
 
 -- The figures in one HSET (a dozen fields: one command, not one each).
-if #ARGV >= 10 then
-  redis.call('HSET', state, unpack(ARGV, 9, #ARGV))
+if #ARGV >= 11 then
+  redis.call('HSET', state, unpack(ARGV, 10, #ARGV))
 end
 
 local trimmed = 0
@@ -105,5 +118,5 @@ end
 -- hash empty while this is not zero knows Redis lost data.
 local tracked = redis.call('ZCARD', seen)
 redis.call('HSET', state, 'tracked', tracked)
-local kept = retain(stream, dropped, tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]), batch)
+local kept = retain(stream, dropped, tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), batch)
 return {watermark or false, trimmed, tracked, redis.call('XLEN', stream), kept[1], kept[2], kept[3]}

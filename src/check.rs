@@ -287,7 +287,7 @@ async fn check_redis(config: &Config) -> (Vec<Finding>, Option<bool>) {
                     );
                     let replicas = topology
                         .as_deref()
-                        .map(|nodes| crate::connection::replicas_of_slot(nodes, slot));
+                        .and_then(|nodes| crate::connection::replicas_of_slot(nodes, slot));
                     let (level, text) = replication_finding(served, replicas, wanted);
                     report.push(level, text);
                 }
@@ -325,7 +325,7 @@ fn replication_finding(
     match (replicas, wanted) {
         (None, _) => (
             Level::Warning,
-            format!("{served}; its replicas are unknown (CLUSTER NODES failed)"),
+            format!("{served}; its replicas are unknown (CLUSTER NODES failed, or names no live master for the slot: a failover under way?)"),
         ),
         (Some(0), None | Some(0)) => (
             Level::Ok,

@@ -212,19 +212,6 @@ impl Connection {
         Ok(Some(nodes))
     }
 
-    /// `WAIT replicas timeout` on the node that serves `key`: how many
-    /// replicas acknowledged every write this connection sent that node.
-    pub async fn wait_for_replicas(
-        &mut self,
-        key: &str,
-        replicas: u32,
-        timeout: Duration,
-    ) -> RedisResult<u32> {
-        let mut cmd = redis::cmd("WAIT");
-        cmd.arg(replicas).arg(timeout.as_millis().max(1) as u64);
-        self.on_node_of(key, &cmd).await
-    }
-
     /// The address (`host:port`) of the primary serving `key` now, from
     /// `CLUSTER SHARDS`; `None` on one server.
     pub async fn node_of(&mut self, key: &str) -> RedisResult<Option<String>> {
@@ -269,8 +256,10 @@ impl Connection {
 /// How many replicas of the master serving `slot` a `CLUSTER NODES` text
 /// lists and does not mark failed: connected or not, they are meant to
 /// hold its writes (a replica cut off for a while still counts, so that a
-/// cycle waits for it rather than count on a copy nobody has).
-pub fn replicas_of_slot(nodes: &str, slot: u16) -> u32 {
+/// cycle waits for it rather than count on a copy nobody has). `None` when
+/// no master the text does not mark failed serves the slot (a failover
+/// under way, as this node sees it).
+pub fn replicas_of_slot(nodes: &str, slot: u16) -> Option<u32> {
     let fields: Vec<Vec<&str>> = nodes
         .lines()
         .map(|line| line.split(' ').collect())
@@ -285,18 +274,16 @@ pub fn replicas_of_slot(nodes: &str, slot: u16) -> u32 {
             matches!((first, last), (Some(a), Some(b)) if (a..=b).contains(&slot))
         })
     };
-    let Some(master) = fields
+    let master = fields
         .iter()
-        .find(|f| flags(f, "master") && !flags(f, "fail") && serves(f))
-    else {
-        return 0;
-    };
-    fields
+        .find(|f| flags(f, "master") && !flags(f, "fail") && serves(f))?;
+    let replicas = fields
         .iter()
         .filter(|f| {
             (flags(f, "slave") || flags(f, "replica")) && !flags(f, "fail") && f[3] == master[0]
         })
-        .count() as u32
+        .count();
+    Some(replicas as u32)
 }
 
 /// Does the server at the URL run in cluster mode (`INFO cluster`:
@@ -385,16 +372,25 @@ a2 127.0.0.1:7003@17003 slave a1 0 0 1 connected
 b2 127.0.0.1:7004@17004 slave b1 0 0 2 disconnected
 b3 127.0.0.1:7006@17006 slave,fail b1 0 0 2 disconnected
 ";
-        assert_eq!(replicas_of_slot(nodes, 100), 1);
+        assert_eq!(replicas_of_slot(nodes, 100), Some(1));
         assert_eq!(
             replicas_of_slot(nodes, 6000),
-            1,
+            Some(1),
             "a cut-off replica counts, a failed one not"
         );
         assert_eq!(
             replicas_of_slot(nodes, 16000),
-            0,
+            Some(0),
             "promoted, its old master failed"
+        );
+        let failing_over = "\
+a1 127.0.0.1:7000@17000 master,fail - 0 0 1 disconnected 0-5460
+a2 127.0.0.1:7003@17003 myself,slave a1 0 0 1 connected
+";
+        assert_eq!(
+            replicas_of_slot(failing_over, 100),
+            None,
+            "its master failed, no replica promoted yet"
         );
     }
 

@@ -708,29 +708,30 @@ pub async fn run_cycle(
                 });
                 let figures = &figures;
                 let (keys, expect_state) = (lane.keys, lane.expect_state);
+                let last_chunk = lane.last_link.as_deref();
                 async move {
                     if p > 0 {
                         crate::fault::between_partition_commits(p);
                     }
-                    let committed = sink
-                        .commit(
-                            entity,
-                            keys,
-                            &Commit {
-                                candidate,
-                                trim_below,
-                                figures,
-                                expect_state,
-                                fence,
-                            },
-                        )
-                        .await?;
                     // On a replicated Redis, the cycle is done once a replica
                     // holds its writes: a failover before that may roll them
                     // back, and a version overwritten before the re-read would
                     // be gone.
-                    sink.await_replicas(entity, keys).await?;
-                    Ok::<_, SinkError>(committed)
+                    let replicas = sink.replicas_wanted(entity, keys).await?;
+                    sink.commit(
+                        entity,
+                        keys,
+                        &Commit {
+                            candidate,
+                            trim_below,
+                            figures,
+                            expect_state,
+                            fence,
+                            last_chunk,
+                            replicas,
+                        },
+                    )
+                    .await
                 }
             })
             .collect();

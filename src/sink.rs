@@ -377,6 +377,14 @@ pub struct Commit<'a> {
     pub expect_state: bool,
     /// The caller's lease value (`None`: unfenced).
     pub fence: Option<&'a str>,
+    /// The cycle's last chunk ([`Link::name`]), which must be the last one
+    /// applied (`None`: no check): a failover that rolled it back makes the
+    /// commit fail with [`SinkError::OutOfOrder`] rather than advance the
+    /// watermark past rows that are on no stream.
+    pub last_chunk: Option<&'a str>,
+    /// Replicas that must hold the commit, and every write before it on its
+    /// node, before it counts ([`Sink::replicas_wanted`]; 0: none).
+    pub replicas: u32,
 }
 
 /// What [`Sink::commit`] left: the watermark now stored (`None`: never set)
@@ -404,6 +412,33 @@ pub struct Link<'a> {
     /// This chunk's name, recorded in the state hash when it is applied
     /// (`None`: nothing recorded). Only with `expect_state`.
     pub name: Option<&'a str>,
+}
+
+/// A script's call as [`Sink::query_script`] sends it: an EVALSHA, or a
+/// pipeline that starts with one.
+pub(crate) trait ScriptCall {
+    fn send<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut Connection,
+    ) -> impl std::future::Future<Output = redis::RedisResult<T>> + Send;
+}
+
+impl ScriptCall for redis::Cmd {
+    fn send<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut Connection,
+    ) -> impl std::future::Future<Output = redis::RedisResult<T>> + Send {
+        self.query_async(conn)
+    }
+}
+
+impl ScriptCall for redis::Pipeline {
+    fn send<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut Connection,
+    ) -> impl std::future::Future<Output = redis::RedisResult<T>> + Send {
+        self.query_async(conn)
+    }
 }
 
 /// The connection to Redis and the scripts.
@@ -482,51 +517,30 @@ impl Sink {
         Ok(written.and_then(|n| n.parse().ok()))
     }
 
-    /// Waits until `wait_for_replicas` replicas hold every write this agent
-    /// sent the node of the entity's keys (`WAIT`); on a cluster, unless
-    /// configured, one replica when the entity's shard has any. At once
-    /// when none is asked for. Fewer within the timeout:
-    /// [`SinkError::NotReplicated`].
-    pub async fn await_replicas(
+    /// How many replicas must hold a cycle's writes to the node of the
+    /// entity's keys before the cycle counts as done: `wait_for_replicas`;
+    /// on a cluster, unless configured, one when the entity's shard has any
+    /// (and one while no live master is seen serving the slot: a failover
+    /// under way is not taken for a shard without replicas).
+    pub async fn replicas_wanted(
         &self,
         entity: &EntitySettings,
         keys: &EntityKeys,
-    ) -> Result<(), SinkError> {
-        let failed = |error| SinkError::Command {
-            entity: entity.name.clone(),
-            action: "WAIT for the replicas",
-            error,
-        };
+    ) -> Result<u32, SinkError> {
+        if let Some(n) = self.wait_replicas {
+            return Ok(n);
+        }
         let mut conn = self.conn.clone();
-        let wanted = match self.wait_replicas {
-            Some(n) => n,
-            None => {
-                let nodes = self.topology(&mut conn).await.map_err(failed)?;
-                crate::connection::replicas_of_slot(
-                    &nodes,
-                    crate::connection::slot_of(&keys.stream),
-                )
-                .min(1)
-            }
-        };
-        if wanted == 0 {
-            return Ok(());
-        }
-        let acked = conn
-            .wait_for_replicas(&keys.stream, wanted, self.wait_timeout)
+        let nodes = self
+            .topology(&mut conn)
             .await
-            .map_err(failed)?;
-        if acked < wanted {
-            // The topology may have changed (a failover): read it again.
-            *self.topology.lock().await = None;
-            return Err(SinkError::NotReplicated {
+            .map_err(|error| SinkError::Command {
                 entity: entity.name.clone(),
-                acked,
-                wanted,
-                timeout: self.wait_timeout,
-            });
-        }
-        Ok(())
+                action: "reading the cluster's nodes",
+                error,
+            })?;
+        let slot = crate::connection::slot_of(&keys.stream);
+        Ok(crate::connection::replicas_of_slot(&nodes, slot).map_or(1, |n| n.min(1)))
     }
 
     /// `CLUSTER NODES`, read at most once a second for all entities.
@@ -623,16 +637,18 @@ impl Sink {
 
     /// Sends a script's EVALSHA; when Redis forgot the script (a restart
     /// emptied its cache: NOSCRIPT), loads it and sends the command again.
+    /// `cmd` may be a pipeline that starts with the EVALSHA: the NOSCRIPT
+    /// reply fails it as a whole, and it is sent again whole.
     pub(crate) async fn query_script<T: redis::FromRedisValue>(
         &self,
         script: &Script,
-        cmd: &redis::Cmd,
+        cmd: &impl ScriptCall,
     ) -> Result<T, redis::RedisError> {
         let mut conn = self.conn.clone();
-        match cmd.query_async(&mut conn).await {
+        match cmd.send(&mut conn).await {
             Err(error) if error.kind() == redis::ErrorKind::NoScriptError => {
                 script.prepare_invoke().load_async(&mut conn).await?;
-                cmd.query_async(&mut conn).await
+                cmd.send(&mut conn).await
             }
             other => other,
         }
@@ -784,30 +800,34 @@ impl Sink {
             figures,
             expect_state,
             fence,
+            last_chunk,
+            replicas,
         } = *commit;
-        let mut conn = self.conn.clone();
         let candidate = candidate.map(|c| c.to_string()).unwrap_or_default();
         let trim_below = trim_below.map(|c| c.to_string()).unwrap_or_default();
         let mut first = true;
         let mut retained = crate::retention::Retained::default();
         loop {
-            let mut invocation = self.commit.prepare_invoke();
-            invocation
-                .key(&keys.state)
-                .key(&keys.seen)
-                .key(&keys.digest)
-                .key(&keys.lease)
-                .key(&keys.stream)
-                .key(&keys.dropped)
+            // EVALSHA built as one command, so that it can travel with the
+            // WAIT below.
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(self.commit.get_hash())
+                .arg(6)
+                .arg(&keys.state)
+                .arg(&keys.seen)
+                .arg(&keys.digest)
+                .arg(&keys.lease)
+                .arg(&keys.stream)
+                .arg(&keys.dropped)
                 .arg(&candidate)
                 .arg(&trim_below)
                 .arg(TRIM_BATCH)
                 .arg(if expect_state || !first { "1" } else { "0" })
                 .arg(fence.unwrap_or(""))
+                .arg(last_chunk.unwrap_or(""))
                 .arg(&crate::retention::args(entity)[..]);
             if first {
-                invocation
-                    .arg("last_started_at_ms")
+                cmd.arg("last_started_at_ms")
                     .arg(figures.started_at_ms)
                     .arg("last_duration_ms")
                     .arg(figures.duration_ms)
@@ -818,11 +838,10 @@ impl Sink {
                     .arg("last_skipped")
                     .arg(figures.skipped);
                 if let Some(db_now) = figures.db_now {
-                    invocation.arg("last_db_now").arg(db_now);
+                    cmd.arg("last_db_now").arg(db_now);
                 }
                 let horizon = figures.horizon.as_ref();
-                invocation
-                    .arg("window_extension_us")
+                cmd.arg("window_extension_us")
                     .arg(figures.extension)
                     .arg("horizon")
                     .arg(horizon.map(|t| t.since.to_string()).unwrap_or_default())
@@ -844,10 +863,37 @@ impl Sink {
                 u8,
                 Vec<crate::retention::RawGroup>,
             );
-            let committed: Option<Reply> = invocation
-                .invoke_async(&mut conn)
-                .await
-                .map_err(|error| fenced_or(&entity.name, "the commit script", error))?;
+            // With replicas to wait for, the WAIT goes in one pipeline with
+            // the commit: on the same connection, right after it, so that it
+            // counts the replicas holding this commit (and every write
+            // before it on that node). A WAIT of its own could be answered
+            // by another node, or over a new connection that wrote nothing
+            // (the cluster client sends a command whose node is unreachable
+            // to a random one, and reconnects): it would count replicas that
+            // lack the commit.
+            let (committed, acked): (Option<Reply>, u32) = if replicas > 0 {
+                let mut pipe = redis::pipe();
+                pipe.add_command(cmd)
+                    .cmd("WAIT")
+                    .arg(replicas)
+                    .arg(self.wait_timeout.as_millis().max(1) as u64);
+                self.query_script(&self.commit, &pipe).await
+            } else {
+                self.query_script(&self.commit, &cmd)
+                    .await
+                    .map(|committed| (committed, 0))
+            }
+            .map_err(|error| fenced_or(&entity.name, "the commit script", error))?;
+            if acked < replicas {
+                // The topology may have changed (a failover): read it again.
+                *self.topology.lock().await = None;
+                return Err(SinkError::NotReplicated {
+                    entity: entity.name.clone(),
+                    acked,
+                    wanted: replicas,
+                    timeout: self.wait_timeout,
+                });
+            }
             let (watermark, trimmed, dedup_keys, stream_entries, stream_trimmed, more, groups) =
                 committed.ok_or_else(|| SinkError::StateVanished {
                     entity: entity.name.clone(),

@@ -410,3 +410,106 @@ async fn a_large_window_on_a_cluster_is_applied_with_chunks_in_flight_and_nothin
     assert_eq!(sorted, (1..=20_000).collect::<Vec<_>>());
     assert!(all[20_000..].iter().all(|(_, v)| *v == 2));
 }
+
+/// The master of an entity's slot killed while a cycle waits for its
+/// replica, the replicas locked out of it before the cycle's chunks (so
+/// that the one promoted lacks them): no cycle of that time counts as
+/// done, and after the failover the rows are read again and arrive once.
+/// (The model's lagging-replica scenario, tests/model.rs, found a `WAIT`
+/// sent again after the master died answered by another master, which
+/// counted its own replica; the `WAIT` now travels with the commit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cycle_whose_master_dies_before_its_replica_has_the_writes_is_not_done() {
+    let mut cluster = PrivateCluster::start(3, 1, &[]).await;
+    let f = fixture(&cluster, "100ms").await;
+    let stream = f.stream("items");
+    let slot = PrivateCluster::slot_of(&stream);
+    insert(&f.pool, 1, 20).await;
+    let agent = Agent::start(&f.config);
+    eventually(Duration::from_secs(30), "the agent's first cycles", || {
+        let n = agent.cycles(Some("items")).len();
+        async move { n >= 3 }
+    })
+    .await;
+    let state = format!("{}:{{b}}:state:items", f.env.prefix);
+    let old = cluster.master_of_slot(slot).await;
+    let mut master = common::cluster::node_conn(old).await;
+    let last_commit = |master: &mut redis::aio::MultiplexedConnection| {
+        let mut master = master.clone();
+        let state = state.clone();
+        async move {
+            let at: Option<String> = redis::cmd("HGET")
+                .arg(&state)
+                .arg("last_started_at_ms")
+                .query_async(&mut master)
+                .await
+                .expect("HGET the state");
+            at
+        }
+    };
+
+    // Locked out: the replica's link is cut and it cannot authenticate
+    // again; the connections open now (the agent's, this one) go on.
+    let locked_out = chrono::Utc::now();
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("replicas-locked-out")
+        .query_async(&mut master)
+        .await
+        .expect("CONFIG SET requirepass");
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("replica")
+        .query_async(&mut master)
+        .await
+        .expect("CLIENT KILL TYPE replica");
+    let before = last_commit(&mut master).await;
+    insert(&f.pool, 21, 40).await;
+    // A commit landed on the master alone (the cycles wait for the replica
+    // that cannot get it, and fail, one after the other).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while last_commit(&mut master).await == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no commit reached the master after the lock-out"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let killed = chrono::Utc::now();
+    cluster.kill_master_of_slot(slot).await;
+    let new = cluster.wait_for_failover(slot).await;
+    assert_ne!(old, new);
+
+    // After the failover the rows are read again and arrive, each once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = versions(&cluster, &stream).await;
+        let ids: Vec<i64> = seen.iter().map(|&(id, _)| id).collect();
+        if ids.len() >= 40 {
+            assert_eq!(ids, (1..=40).collect::<Vec<_>>(), "{seen:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rows missing after the failover: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // No cycle that ran while the replica was locked out counted as done.
+    let done_unreplicated: Vec<serde_json::Value> = agent
+        .cycles(Some("items"))
+        .into_iter()
+        .filter(|c| {
+            c["started_at"]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .is_some_and(|t| t > locked_out && t < killed)
+        })
+        .collect();
+    assert!(
+        done_unreplicated.is_empty(),
+        "cycles counted as done whose writes no replica held: {done_unreplicated:?}"
+    );
+}

@@ -606,7 +606,20 @@ async fn written(
 }
 
 async fn dedup(k: &Keys, lease: &str, pkey: &str, digest: &str) -> redis::RedisResult<(i64, i64)> {
+    dedup_chunk(k, lease, pkey, digest, None).await
+}
+
+/// A one-row chunk; `named`: this chunk's name, recorded (the state hash
+/// must exist then), and the chunk that must be the last one applied.
+async fn dedup_chunk(
+    k: &Keys,
+    lease: &str,
+    pkey: &str,
+    digest: &str,
+    named: Option<(&str, &str)>,
+) -> redis::RedisResult<(i64, i64)> {
     let mut conn = redis_conn().await;
+    let (name, after) = named.unwrap_or_default();
     script("dedup.lua")
         .key(&k.seen)
         .key(&k.digest)
@@ -616,10 +629,10 @@ async fn dedup(k: &Keys, lease: &str, pkey: &str, digest: &str) -> redis::RedisR
         .arg(0)
         .arg("v")
         .arg("1")
-        .arg("0")
+        .arg(if named.is_some() { "1" } else { "0" })
         .arg(lease)
-        .arg("")
-        .arg("")
+        .arg(after)
+        .arg(name)
         .arg(pkey)
         .arg(1_000_000)
         .arg(digest)
@@ -634,6 +647,17 @@ async fn dedup(k: &Keys, lease: &str, pkey: &str, digest: &str) -> redis::RedisR
 type CommitReply = (Option<String>, i64, i64, i64, i64, i64, Vec<redis::Value>);
 
 async fn commit(k: &Keys, lease: &str) -> redis::RedisResult<CommitReply> {
+    commit_after(k, lease, "", 5_000_000).await
+}
+
+/// A commit whose cycle's last chunk is `last_chunk` ("": no check), with
+/// `candidate` as the watermark candidate.
+async fn commit_after(
+    k: &Keys,
+    lease: &str,
+    last_chunk: &str,
+    candidate: i64,
+) -> redis::RedisResult<CommitReply> {
     let mut conn = redis_conn().await;
     script("commit.lua")
         .key(&k.state)
@@ -642,11 +666,12 @@ async fn commit(k: &Keys, lease: &str) -> redis::RedisResult<CommitReply> {
         .key(&k.lease)
         .key(&k.stream)
         .key(format!("{}:dropped", k.state))
-        .arg(5_000_000)
+        .arg(candidate)
         .arg(10_000_000)
         .arg(1000)
         .arg("1")
         .arg(lease)
+        .arg(last_chunk)
         .arg(0)
         .arg(0)
         .arg(0)
@@ -685,6 +710,42 @@ async fn a_script_call_with_a_stale_lease_writes_nothing() {
     // The holder's calls go through.
     assert_eq!(dedup(&k, &new, "2", "bbbb").await.unwrap(), (1, 2));
     assert!(commit(&k, &new).await.is_ok());
+}
+
+/// A failover that rolls back a cycle's last chunk (the promoted replica
+/// lacked it) and then receives the cycle's commit: the commit names the
+/// chunk it follows, is refused, and changes nothing, so the watermark does
+/// not pass rows that are on no stream.
+#[tokio::test]
+async fn a_commit_whose_last_chunk_is_missing_changes_nothing() {
+    let env = Env::new();
+    let entity = unique("commit_chain");
+    let k = keys(&env, &entity);
+    let lease = acquire(&k, "agent-a").await;
+    assert_eq!(dedup(&k, &lease, "1", "aaaa").await.unwrap(), (1, 1));
+    assert_eq!(
+        dedup_chunk(&k, &lease, "2", "bbbb", Some(("cycle-1:1", "")))
+            .await
+            .unwrap(),
+        (1, 2)
+    );
+    // The cycle's second chunk, "cycle-1:2", is what the failover lost.
+    let before = written(&k).await;
+    let refused = commit_after(&k, &lease, "cycle-1:2", 20_000_000)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some("HWCHAIN"), "{refused}");
+    assert!(refused.to_string().contains("cycle-1:1"), "{refused}");
+    assert_eq!(
+        written(&k).await,
+        before,
+        "a refused commit changed something"
+    );
+
+    let (watermark, ..) = commit_after(&k, &lease, "cycle-1:1", 20_000_000)
+        .await
+        .unwrap();
+    assert_eq!(watermark.as_deref(), Some("20000000"));
 }
 
 fn token(value: &str) -> u64 {
