@@ -448,23 +448,8 @@ async fn a_cycle_whose_master_dies_before_its_replica_has_the_writes_is_not_done
         }
     };
 
-    // Locked out: the replica's link is cut and it cannot authenticate
-    // again; the connections open now (the agent's, this one) go on.
     let locked_out = chrono::Utc::now();
-    let () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("requirepass")
-        .arg("replicas-locked-out")
-        .query_async(&mut master)
-        .await
-        .expect("CONFIG SET requirepass");
-    let _: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("replica")
-        .query_async(&mut master)
-        .await
-        .expect("CLIENT KILL TYPE replica");
+    common::cluster::lock_out_replicas(&mut master, "replicas-locked-out").await;
     let before = last_commit(&mut master).await;
     insert(&f.pool, 21, 40).await;
     // A commit landed on the master alone (the cycles wait for the replica

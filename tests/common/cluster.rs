@@ -479,6 +479,28 @@ pub async fn node_conn(port: u16) -> redis::aio::MultiplexedConnection {
         .unwrap_or_else(|e| panic!("connect to cluster node {port}: {e}"))
 }
 
+/// Locks a master's replicas out of it: drops their connections (`CLIENT
+/// KILL TYPE replica`) and refuses their reconnections (a `requirepass`
+/// they do not know). Connections open now, `master` and the agent's, go
+/// on working, so the master takes writes its replicas never get, as a
+/// replication lag leaves them.
+pub async fn lock_out_replicas(master: &mut redis::aio::MultiplexedConnection, password: &str) {
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg(password)
+        .query_async(master)
+        .await
+        .expect("CONFIG SET requirepass");
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("replica")
+        .query_async(master)
+        .await
+        .expect("CLIENT KILL TYPE replica");
+}
+
 async fn try_node_conn(port: u16) -> Result<redis::aio::MultiplexedConnection, String> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))
         .map_err(|e| format!("redis url: {e}"))?;

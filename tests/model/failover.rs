@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-use crate::common::cluster::{node_conn, PrivateCluster};
+use crate::common::cluster::{lock_out_replicas, node_conn, PrivateCluster};
 use crate::model::agent;
 use crate::model::consumer::parse_entries;
 use crate::model::run::{ModelRun, ENTITY};
@@ -92,20 +92,7 @@ impl ModelRun {
         let mut master = node_conn(old).await;
         let lagging = kind == FailoverKind::LaggingReplica;
         if lagging {
-            let () = redis::cmd("CONFIG")
-                .arg("SET")
-                .arg("requirepass")
-                .arg(LOCKOUT)
-                .query_async(&mut master)
-                .await
-                .expect("CONFIG SET requirepass");
-            let _: i64 = redis::cmd("CLIENT")
-                .arg("KILL")
-                .arg("TYPE")
-                .arg("replica")
-                .query_async(&mut master)
-                .await
-                .expect("CLIENT KILL TYPE replica");
+            lock_out_replicas(&mut master, LOCKOUT).await;
         }
         wait_for_growth(&mut master, self.seed).await;
         if lagging {
