@@ -272,36 +272,40 @@ async fn check_redis(config: &Config) -> (Vec<Finding>, Option<bool>) {
         }
     }
     if cluster {
-        let topology = conn.cluster_nodes().await.ok().flatten();
+        // One `CLUSTER NODES` names every slot's master and its replicas.
+        let topology = conn.cluster_nodes().await.map(Option::unwrap_or_default);
         for (entity, keys) in config
             .entities
             .values()
             .flat_map(|e| sink.partition_keys(e).into_iter().map(move |k| (e, k)))
         {
             let slot = crate::connection::slot_of(&keys.stream);
-            match conn.node_of(&keys.stream).await {
-                Ok(Some(node)) => {
-                    let served = format!(
-                        "entity {}: stream {} is in slot {slot}, served by {node}",
-                        entity.name, keys.stream
-                    );
-                    let replicas = topology
-                        .as_deref()
-                        .and_then(|nodes| crate::connection::replicas_of_slot(nodes, slot));
-                    let (level, text) = replication_finding(served, replicas, wanted);
-                    report.push(level, text);
-                }
-                Ok(None) => {}
-                Err(e) => report.push(
+            let cannot_tell = |why: String| {
+                (
                     Level::Warning,
                     format!(
-                        "entity {}: cannot tell which node serves stream {}: {}",
-                        entity.name,
-                        keys.stream,
-                        describe(&e)
+                        "entity {}: cannot tell which node serves stream {} (slot {slot}): {why}",
+                        entity.name, keys.stream
                     ),
-                ),
-            }
+                )
+            };
+            let (level, text) = match &topology {
+                Ok(nodes) => match crate::connection::master_of_slot(nodes, slot) {
+                    Some(master) => replication_finding(
+                        format!(
+                            "entity {}: stream {} is in slot {slot}, served by {}",
+                            entity.name, keys.stream, master.address
+                        ),
+                        master.replicas,
+                        wanted,
+                    ),
+                    None => cannot_tell(
+                        "CLUSTER NODES names no live master for it (a failover under way?)".into(),
+                    ),
+                },
+                Err(e) => cannot_tell(describe(e)),
+            };
+            report.push(level, text);
         }
     }
     (report.findings, Some(cluster))
@@ -315,35 +319,27 @@ fn info_field(info: &str, name: &str) -> Option<String> {
 }
 
 /// What a cycle of a partition served by a cluster node waits for, by the
-/// node's replicas (`None`: unknown) and `wait_for_replicas` (`None`: one
-/// when the node has any).
-fn replication_finding(
-    served: String,
-    replicas: Option<u32>,
-    wanted: Option<u32>,
-) -> (Level, String) {
+/// node's replicas and `wait_for_replicas` (`None`: one when the node has
+/// any).
+fn replication_finding(served: String, replicas: u32, wanted: Option<u32>) -> (Level, String) {
     match (replicas, wanted) {
-        (None, _) => (
-            Level::Warning,
-            format!("{served}; its replicas are unknown (CLUSTER NODES failed, or names no live master for the slot: a failover under way?)"),
-        ),
-        (Some(0), None | Some(0)) => (
+        (0, None | Some(0)) => (
             Level::Ok,
             format!("{served}, which has no replica: cycles do not wait for one, and a failure of that node stops the entity until it is back"),
         ),
-        (Some(n), None) => (
+        (n, None) => (
             Level::Ok,
             format!("{served}, which has {n} replica(s): each cycle waits until one holds its writes (WAIT; wait_for_replicas)"),
         ),
-        (Some(n), Some(0)) => (
+        (n, Some(0)) => (
             Level::Warning,
             format!("{served}, which has {n} replica(s), but wait_for_replicas = 0: a failover may roll back a cycle's writes, and a version overwritten meanwhile is lost"),
         ),
-        (Some(n), Some(w)) if n < w => (
+        (n, Some(w)) if n < w => (
             Level::Error,
             format!("{served}, which has {n} replica(s), but wait_for_replicas = {w}: every cycle would fail as not replicated"),
         ),
-        (Some(n), Some(w)) => (
+        (n, Some(w)) => (
             Level::Ok,
             format!("{served}, which has {n} replica(s): each cycle waits until {w} hold its writes (wait_for_replicas)"),
         ),
@@ -971,13 +967,12 @@ mod tests {
     #[test]
     fn a_partitions_replication_is_judged_by_its_replicas_and_wait_for_replicas() {
         let level = |replicas, wanted| replication_finding("s".into(), replicas, wanted).0;
-        assert_eq!(level(Some(0), None), Level::Ok);
-        assert_eq!(level(Some(1), None), Level::Ok);
-        assert_eq!(level(Some(2), Some(2)), Level::Ok);
-        assert_eq!(level(Some(1), Some(2)), Level::Error);
-        assert_eq!(level(Some(1), Some(0)), Level::Warning);
-        assert_eq!(level(None, None), Level::Warning);
-        let (_, text) = replication_finding("s".into(), Some(1), Some(2));
+        assert_eq!(level(0, None), Level::Ok);
+        assert_eq!(level(1, None), Level::Ok);
+        assert_eq!(level(2, Some(2)), Level::Ok);
+        assert_eq!(level(1, Some(2)), Level::Error);
+        assert_eq!(level(1, Some(0)), Level::Warning);
+        let (_, text) = replication_finding("s".into(), 1, Some(2));
         assert!(
             text.contains("every cycle would fail as not replicated"),
             "{text}"

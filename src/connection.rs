@@ -211,55 +211,15 @@ impl Connection {
         let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(conn).await?;
         Ok(Some(nodes))
     }
-
-    /// The address (`host:port`) of the primary serving `key` now, from
-    /// `CLUSTER SHARDS`; `None` on one server.
-    pub async fn node_of(&mut self, key: &str) -> RedisResult<Option<String>> {
-        let Connection::Cluster(_) = self else {
-            return Ok(None);
-        };
-        let slot = slot_of(key);
-        let slots: Vec<Value> = self
-            .on_node_of(key, redis::cmd("CLUSTER").arg("SLOTS"))
-            .await?;
-        for range in slots {
-            let Value::Array(parts) = range else { continue };
-            let (Some(first), Some(last), Some(Value::Array(master))) =
-                (parts.first(), parts.get(1), parts.get(2))
-            else {
-                continue;
-            };
-            let (Ok(first), Ok(last)) = (
-                redis::from_redis_value::<u16>(first),
-                redis::from_redis_value::<u16>(last),
-            ) else {
-                continue;
-            };
-            if (first..=last).contains(&slot) {
-                let host: String = master
-                    .first()
-                    .map(redis::from_redis_value)
-                    .transpose()?
-                    .unwrap_or_default();
-                let port: u16 = master
-                    .get(1)
-                    .map(redis::from_redis_value)
-                    .transpose()?
-                    .unwrap_or_default();
-                return Ok(Some(format!("{host}:{port}")));
-            }
-        }
-        Ok(None)
-    }
 }
 
-/// How many replicas of the master serving `slot` a `CLUSTER NODES` text
-/// lists and does not mark failed: connected or not, they are meant to
-/// hold its writes (a replica cut off for a while still counts, so that a
-/// cycle waits for it rather than count on a copy nobody has). `None` when
-/// no master the text does not mark failed serves the slot (a failover
-/// under way, as this node sees it).
-pub fn replicas_of_slot(nodes: &str, slot: u16) -> Option<u32> {
+/// The master serving `slot` in a `CLUSTER NODES` text, and how many
+/// replicas of it the text lists and does not mark failed: connected or
+/// not, they are meant to hold its writes (a replica cut off for a while
+/// still counts, so that a cycle waits for it rather than count on a copy
+/// nobody has). `None` when no master the text does not mark failed serves
+/// the slot (a failover under way, as this node sees it).
+pub fn master_of_slot(nodes: &str, slot: u16) -> Option<SlotMaster<'_>> {
     let fields: Vec<Vec<&str>> = nodes
         .lines()
         .map(|line| line.split(' ').collect())
@@ -283,7 +243,19 @@ pub fn replicas_of_slot(nodes: &str, slot: u16) -> Option<u32> {
             (flags(f, "slave") || flags(f, "replica")) && !flags(f, "fail") && f[3] == master[0]
         })
         .count();
-    Some(replicas as u32)
+    Some(SlotMaster {
+        // `ip:port@cport[,hostname]`
+        address: master[1].split('@').next().unwrap_or(master[1]),
+        replicas: replicas as u32,
+    })
+}
+
+/// See [`master_of_slot`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotMaster<'a> {
+    /// `host:port`, as the cluster announces it.
+    pub address: &'a str,
+    pub replicas: u32,
 }
 
 /// Does the server at the URL run in cluster mode (`INFO cluster`:
@@ -372,23 +344,30 @@ a2 127.0.0.1:7003@17003 slave a1 0 0 1 connected
 b2 127.0.0.1:7004@17004 slave b1 0 0 2 disconnected
 b3 127.0.0.1:7006@17006 slave,fail b1 0 0 2 disconnected
 ";
-        assert_eq!(replicas_of_slot(nodes, 100), Some(1));
+        let replicas = |slot| master_of_slot(nodes, slot).map(|m| m.replicas);
         assert_eq!(
-            replicas_of_slot(nodes, 6000),
+            master_of_slot(nodes, 100),
+            Some(SlotMaster {
+                address: "127.0.0.1:7000",
+                replicas: 1
+            })
+        );
+        assert_eq!(
+            replicas(6000),
             Some(1),
             "a cut-off replica counts, a failed one not"
         );
+        assert_eq!(replicas(16000), Some(0), "promoted, its old master failed");
         assert_eq!(
-            replicas_of_slot(nodes, 16000),
-            Some(0),
-            "promoted, its old master failed"
+            master_of_slot(nodes, 16000).map(|m| m.address),
+            Some("127.0.0.1:7005")
         );
         let failing_over = "\
 a1 127.0.0.1:7000@17000 master,fail - 0 0 1 disconnected 0-5460
 a2 127.0.0.1:7003@17003 myself,slave a1 0 0 1 connected
 ";
         assert_eq!(
-            replicas_of_slot(failing_over, 100),
+            master_of_slot(failing_over, 100),
             None,
             "its master failed, no replica promoted yet"
         );

@@ -540,7 +540,7 @@ impl Sink {
                 error,
             })?;
         let slot = crate::connection::slot_of(&keys.stream);
-        Ok(crate::connection::replicas_of_slot(&nodes, slot).map_or(1, |n| n.min(1)))
+        Ok(crate::connection::master_of_slot(&nodes, slot).map_or(1, |m| m.replicas.min(1)))
     }
 
     /// `CLUSTER NODES`, read at most once a second for all entities.
