@@ -14,9 +14,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{
-    MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
-};
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
 use crate::config::RedisSettings;
@@ -109,28 +107,6 @@ impl Connection {
 
     pub fn is_cluster(&self) -> bool {
         matches!(self, Connection::Cluster(_))
-    }
-
-    /// Sends `cmd` to the node that serves `key`'s slot (its primary); on
-    /// one server, to the server. For commands about a node (`INFO`).
-    pub async fn on_node_of<T: redis::FromRedisValue>(
-        &mut self,
-        key: &str,
-        cmd: &Cmd,
-    ) -> RedisResult<T> {
-        match self {
-            Connection::Single(conn) => cmd.query_async(conn).await,
-            Connection::Cluster(conn) => {
-                let route = Route::new(slot_of(key), SlotAddr::Master);
-                let value = conn
-                    .route_command(
-                        cmd,
-                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
-                    )
-                    .await?;
-                redis::from_redis_value(&value)
-            }
-        }
     }
 
     /// Sends `cmd` to every primary: each one's address and reply (one

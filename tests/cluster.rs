@@ -84,15 +84,6 @@ impl Fixture {
     }
 }
 
-/// A connection to the whole cluster, as a consumer has it.
-async fn cluster_conn(cluster: &PrivateCluster) -> redis::cluster_async::ClusterConnection {
-    redis::cluster::ClusterClient::new(cluster.urls())
-        .expect("cluster urls")
-        .get_async_connection()
-        .await
-        .expect("connect to the cluster")
-}
-
 /// The stream as (pkey, v) in stream order.
 async fn versions(cluster: &PrivateCluster, stream: &str) -> Vec<(i64, i64)> {
     common::cluster::stream_versions(Some(cluster), stream).await
@@ -271,7 +262,7 @@ async fn a_lost_state_on_a_cluster_node_is_detected() {
     f.run_ok(&["once"]);
     // The node serving `items` loses the entity's dedup state (the stream
     // survives: it shows the entity ran before).
-    let mut conn = cluster_conn(&cluster).await;
+    let mut conn = cluster.conn().await;
     let stream = f.stream("items");
     let tag = highwater::sink::slot_tag(&stream);
     for kind in ["seen", "digest", "state"] {

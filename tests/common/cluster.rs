@@ -348,6 +348,15 @@ impl PrivateCluster {
             .unwrap_or_else(|| panic!("no master serves slot {slot}"))
     }
 
+    /// A connection to the whole cluster, as a consumer has it.
+    pub async fn conn(&self) -> redis::cluster_async::ClusterConnection {
+        redis::cluster::ClusterClient::new(self.urls())
+            .expect("cluster urls")
+            .get_async_connection()
+            .await
+            .expect("connect to the cluster")
+    }
+
     /// Kills (SIGKILL) the master serving `slot` now.
     pub async fn kill_master_of_slot(&mut self, slot: u16) {
         let port = self.master_of_slot(slot).await;
@@ -789,32 +798,17 @@ impl Probe {
 /// tests whose rows carry a version column `v`; `cluster`: read through a
 /// cluster connection, else from the local Redis.
 pub async fn stream_versions(cluster: Option<&PrivateCluster>, stream: &str) -> Vec<(i64, i64)> {
+    let mut xrange = redis::cmd("XRANGE");
+    xrange.arg(stream).arg("-").arg("+");
     let reply: redis::streams::StreamRangeReply = match cluster {
-        Some(cluster) => {
-            let mut conn = redis::cluster::ClusterClient::new(cluster.urls())
-                .expect("cluster urls")
-                .get_async_connection()
-                .await
-                .expect("connect to the cluster");
-            redis::cmd("XRANGE")
-                .arg(stream)
-                .arg("-")
-                .arg("+")
-                .query_async(&mut conn)
-                .await
-                .expect("XRANGE")
-        }
+        Some(cluster) => xrange.query_async(&mut cluster.conn().await).await,
         None => {
-            let mut conn = crate::common::redis_conn().await;
-            redis::cmd("XRANGE")
-                .arg(stream)
-                .arg("-")
-                .arg("+")
-                .query_async(&mut conn)
+            xrange
+                .query_async(&mut crate::common::redis_conn().await)
                 .await
-                .expect("XRANGE")
         }
-    };
+    }
+    .expect("XRANGE");
     reply
         .ids
         .iter()
